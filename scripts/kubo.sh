@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# Install, configure, start and stop the Kubo (IPFS) daemons emr-chain uses.
+#
+#   scripts/kubo.sh install            put an ipfs binary where the project finds it
+#   scripts/kubo.sh start [NAME]       init (once) and start the daemon NAME (default "main")
+#   scripts/kubo.sh stop [NAME|--all]  stop it (or every daemon the project started)
+#   scripts/kubo.sh status [NAME]      say whether it runs, with its API address and peers
+#   scripts/kubo.sh bin                print the path of the ipfs binary
+#
+# Every repo this script creates is loopback-only (../shared/kubo-loopback.md): test profile,
+# AutoConf off, no bootstrap peers, no mDNS, no NAT port mapping, no relays, routing none,
+# telemetry off, and API, gateway and swarm on 127.0.0.1.
+#
+# Settings (environment):
+#   IPFS_API_PORT (5001), IPFS_GATEWAY_PORT (8080), IPFS_SWARM_PORT (4001)
+#   KUBO_REPO     repo folder (default .state/kubo/NAME)
+#   KUBO_SWARM_KEY  path of a swarm.key: makes the repo part of that private network
+#   KUBO_PEERS    space-separated "PEERID@PORT" of loopback peers to keep connected
+#   KUBO_VERSION (v0.43.1), KUBO_TOOLS (.tools), KUBO_START_TIMEOUT (60 seconds)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+KUBO_VERSION=${KUBO_VERSION:-v0.43.1}
+KUBO_LIBP2P_VERSION=${KUBO_LIBP2P_VERSION:-v0.50.0}
+TOOLS=${KUBO_TOOLS:-$ROOT/.tools}
+STATE=${KUBO_STATE:-$ROOT/.state/kubo}
+API_PORT=${IPFS_API_PORT:-5001}
+GATEWAY_PORT=${IPFS_GATEWAY_PORT:-8080}
+SWARM_PORT=${IPFS_SWARM_PORT:-4001}
+START_TIMEOUT=${KUBO_START_TIMEOUT:-60}
+export IPFS_TELEMETRY=off
+
+say() { echo "kubo: $*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+find_ipfs() {
+  if [ -x "$TOOLS/bin/ipfs" ]; then echo "$TOOLS/bin/ipfs"; return 0; fi
+  command -v ipfs 2>/dev/null && return 0
+  return 1
+}
+
+build_from_go_proxy() {
+  command -v go >/dev/null || return 1
+  say "building Kubo $KUBO_VERSION from the Go module proxy (several minutes on 2 cores, once)"
+  local build="$TOOLS/kubo-build"
+  mkdir -p "$build"
+  (
+    cd "$build"
+    export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+    [ -f go.mod ] || go mod init local/kubobuild >/dev/null
+    # `go install pkg@version` refuses Kubo (its go.mod has exclude and replace directives),
+    # so build it as a tool of a scratch module. Kubo v0.43.1 replaces go-libp2p by a fork
+    # (github.com/lidel/go-libp2p) that the module proxy does not serve; that fork exists only
+    # to need quic-go v0.62 and webtransport-go v0.13, which go-libp2p v0.50.0 needs too.
+    # Without a newer go-libp2p, v0.49.0 is chosen and fails to compile (webtransport.Dialer).
+    go get "github.com/libp2p/go-libp2p@$KUBO_LIBP2P_VERSION"
+    go get -tool "github.com/ipfs/kubo/cmd/ipfs@$KUBO_VERSION"
+    GOBIN="$TOOLS/bin" go install -trimpath -tags nofuse -ldflags='-s -w' github.com/ipfs/kubo/cmd/ipfs
+  )
+}
+
+download_release() {
+  command -v curl >/dev/null || return 1
+  local arch os url tmp
+  case "$(uname -m)" in x86_64|amd64) arch=amd64 ;; aarch64|arm64) arch=arm64 ;; *) return 1 ;; esac
+  os=$(uname -s | tr '[:upper:]' '[:lower:]')
+  url="https://dist.ipfs.tech/kubo/$KUBO_VERSION/kubo_${KUBO_VERSION}_${os}-${arch}.tar.gz"
+  say "downloading the official release $url"
+  tmp=$(mktemp -d)
+  curl -fsSL --max-time 300 "$url" -o "$tmp/kubo.tar.gz" || { rm -rf "$tmp"; return 1; }
+  tar -xzf "$tmp/kubo.tar.gz" -C "$tmp"
+  mkdir -p "$TOOLS/bin" && mv "$tmp/kubo/ipfs" "$TOOLS/bin/ipfs"
+  rm -rf "$tmp"
+}
+
+cmd_install() {
+  local bin
+  if bin=$(find_ipfs); then say "using $bin ($("$bin" version))"; return 0; fi
+  build_from_go_proxy || download_release || die "could not install Kubo: no ipfs on PATH, no Go toolchain that reaches the module proxy, no download of the release"
+  bin=$(find_ipfs) || die "Kubo was built but $TOOLS/bin/ipfs is missing"
+  say "installed $bin ($("$bin" version))"
+}
+
+ipfs_bin() { find_ipfs || die "Kubo is not installed: run 'scripts/kubo.sh install' (or 'make kubo')"; }
+
+repo_for() { echo "${KUBO_REPO:-$STATE/$1}"; }
+
+configure_loopback() {
+  local ipfs=$1
+  c() { "$ipfs" config --json "$1" "$2"; }
+  c Addresses.API "\"/ip4/127.0.0.1/tcp/$API_PORT\""
+  c Addresses.Gateway "\"/ip4/127.0.0.1/tcp/$GATEWAY_PORT\""
+  c Addresses.Swarm "[\"/ip4/127.0.0.1/tcp/$SWARM_PORT\"]"
+  c Addresses.Announce '[]'
+  c Addresses.NoAnnounce '["/ip4/0.0.0.0/ipcidr/0", "/ip6/::/ipcidr/0"]'
+  c Addresses.AppendAnnounce '[]'
+  c AutoConf.Enabled false
+  c Bootstrap '[]'
+  c DNS.Resolvers '{}'
+  c Routing.DelegatedRouters '[]'
+  c Ipns.DelegatedPublishers '[]'
+  c Routing.Type '"none"'
+  c Discovery.MDNS.Enabled false
+  c Swarm.DisableNatPortMap true
+  c Swarm.RelayClient.Enabled false
+  c Swarm.RelayService.Enabled false
+  c Swarm.EnableHolePunching false
+  c AutoNAT.ServiceMode '"disabled"'
+  c AutoTLS.Enabled false
+  c HTTPRetrieval.Enabled false
+  c Version.SwarmCheckEnabled false
+  c Swarm.Transports.Network.QUIC false
+  c Swarm.Transports.Network.WebTransport false
+  c Swarm.Transports.Network.WebRTCDirect false
+  c Swarm.Transports.Network.Websocket false
+  c Plugins.Plugins.telemetry.Disabled true
+}
+
+peering_json() {
+  # "ID@PORT ID@PORT" -> Peering.Peers JSON, every address on 127.0.0.1
+  local out="" entry id port
+  for entry in ${KUBO_PEERS:-}; do
+    id=${entry%@*}; port=${entry#*@}
+    out="$out${out:+,}{\"ID\":\"$id\",\"Addrs\":[\"/ip4/127.0.0.1/tcp/$port\"]}"
+  done
+  echo "[$out]"
+}
+
+cmd_init() {
+  local name=${1:-main} ipfs repo
+  ipfs=$(ipfs_bin); repo=$(repo_for "$name")
+  export IPFS_PATH="$repo"
+  if [ ! -f "$repo/config" ]; then
+    mkdir -p "$repo"
+    "$ipfs" init --profile=test,announce-off >/dev/null
+  fi
+  # Reapplied on every start: ports may change between runs, and a repo must never keep
+  # a setting that reaches beyond the loopback range.
+  configure_loopback "$ipfs"
+  "$ipfs" config --json Peering.Peers "$(peering_json)"
+  if [ -n "${KUBO_SWARM_KEY:-}" ]; then cp "$KUBO_SWARM_KEY" "$repo/swarm.key"; else rm -f "$repo/swarm.key"; fi
+  echo "$repo"
+}
+
+api_answers() { curl -fsS -X POST --max-time 2 "http://127.0.0.1:$1/api/v0/version" >/dev/null 2>&1; }
+
+pid_alive() { [ -f "$1/daemon.pid" ] && kill -0 "$(cat "$1/daemon.pid")" 2>/dev/null; }
+
+cmd_start() {
+  local name=${1:-main} ipfs repo
+  ipfs=$(ipfs_bin)
+  repo=$(cmd_init "$name")
+  export IPFS_PATH="$repo"
+  if pid_alive "$repo"; then say "$name already runs (pid $(cat "$repo/daemon.pid"))"; echo "http://127.0.0.1:$API_PORT"; return 0; fi
+  if api_answers "$API_PORT"; then die "port $API_PORT already answers as an IPFS API, but not for repo $repo; stop that daemon or set IPFS_API_PORT"; fi
+  if [ -n "${KUBO_SWARM_KEY:-}" ]; then export LIBP2P_FORCE_PNET=1; fi
+  nohup "$ipfs" daemon --migrate=false >"$repo/daemon.log" 2>&1 </dev/null &
+  echo $! >"$repo/daemon.pid"
+  local waited=0
+  until api_answers "$API_PORT"; do
+    if ! pid_alive "$repo"; then tail -20 "$repo/daemon.log" >&2; die "daemon $name exited during start (log: $repo/daemon.log)"; fi
+    [ "$waited" -ge $((START_TIMEOUT * 10)) ] && die "daemon $name did not answer on 127.0.0.1:$API_PORT within ${START_TIMEOUT}s (log: $repo/daemon.log)"
+    sleep 0.1; waited=$((waited + 1))
+  done
+  say "$name runs: API http://127.0.0.1:$API_PORT, gateway 127.0.0.1:$GATEWAY_PORT, swarm 127.0.0.1:$SWARM_PORT, repo $repo"
+  echo "http://127.0.0.1:$API_PORT"
+}
+
+stop_repo() {
+  local repo=$1 pid
+  [ -f "$repo/daemon.pid" ] || return 0
+  pid=$(cat "$repo/daemon.pid")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    say "stopped $(basename "$repo") (pid $pid)"
+  fi
+  rm -f "$repo/daemon.pid"
+}
+
+cmd_stop() {
+  if [ "${1:-}" = "--all" ]; then
+    local repo
+    for repo in "$STATE"/*/; do [ -d "$repo" ] && stop_repo "${repo%/}"; done
+    return 0
+  fi
+  stop_repo "$(repo_for "${1:-main}")"
+}
+
+cmd_status() {
+  local name=${1:-main} repo ipfs
+  repo=$(repo_for "$name")
+  if pid_alive "$repo"; then
+    ipfs=$(ipfs_bin)
+    echo "$name: running (pid $(cat "$repo/daemon.pid")), API http://127.0.0.1:$API_PORT, repo $repo"
+    echo "swarm peers:"; IPFS_PATH="$repo" "$ipfs" swarm peers || true
+  else
+    echo "$name: not running (repo $repo)"; return 3
+  fi
+}
+
+case "${1:-}" in
+  install) cmd_install ;;
+  init) shift; cmd_init "$@" ;;
+  start) shift; cmd_start "$@" ;;
+  stop) shift; cmd_stop "$@" ;;
+  status) shift; cmd_status "$@" ;;
+  bin) ipfs_bin ;;
+  *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
