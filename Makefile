@@ -1,0 +1,64 @@
+# emr-chain: `make demo` runs the paper's workflow end to end, `make test` runs every test.
+# Everything either needs (a Python venv, Kubo, newman) is installed into ignored folders here.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+NEWMAN_VERSION := 6.2.2
+NEWMAN := .tools/npm/node_modules/.bin/newman
+PYTEST_ARGS ?=
+
+.PHONY: help install venv kubo newman test demo up down bench kubo-start kubo-stop kubo-status clean
+
+help:
+	@echo "make demo     run the paper's workflow across three nodes (installs what is missing)"
+	@echo "make test     run the whole test suite"
+	@echo "make up       start Kubo and the three role nodes for Postman or curl; Ctrl-C stops them"
+	@echo "make down     stop nodes and Kubo daemons left running"
+	@echo "make bench    measure, and write bench/results/"
+
+install: venv kubo
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+kubo:
+	scripts/kubo.sh install
+
+newman: $(NEWMAN)
+
+$(NEWMAN):
+	mkdir -p .tools/npm
+	npm install --prefix .tools/npm --no-audit --no-fund --loglevel=error newman@$(NEWMAN_VERSION)
+
+test: venv kubo newman
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv kubo
+	scripts/demo.sh
+
+up: venv kubo
+	scripts/network.sh up
+
+down:
+	scripts/network.sh down
+
+bench: venv kubo
+	$(PY) bench/run.py
+
+kubo-start: kubo
+	scripts/kubo.sh start
+
+kubo-stop:
+	scripts/kubo.sh stop --all
+
+kubo-status:
+	scripts/kubo.sh status
+
+clean: down
+	rm -rf .state data

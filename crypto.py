@@ -1,0 +1,410 @@
+"""Encrypt and decrypt files in the AES Crypt stream format, version 2.
+
+Files written here open in the desktop AES Crypt tools and in pyAesCrypt, and
+theirs open here.  Layout: "AES", version 2, reserved 0, extensions ending in
+0x0000, IV1, the session IV2 + key2 encrypted under a password-derived key,
+HMAC of that, the body (AES-256-CBC under key2/IV2), the file size modulo 16,
+HMAC of the body.
+
+Format limits worth knowing: extensions (such as CREATED_BY) are not
+authenticated, by design, and neither is the modulo byte, so changing it to
+another value from 0 to 15 shortens or lengthens the plaintext by up to 15
+bytes without detection.  A wrong password and a damaged header look the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import hashlib
+import hmac
+import os
+import secrets
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator, Optional, Union
+
+from Crypto.Cipher import AES
+
+from storage import written_atomically
+
+__version__ = "0.1.0"
+
+MAGIC = b"AES"
+FORMAT_VERSION = 2
+RESERVED_BYTE = 0
+PREFIX_SIZE = len(MAGIC) + 2  # magic, version, reserved
+CREATED_BY_ID = b"CREATED_BY"
+CREATED_BY = f"emr-chain {__version__}".encode()
+CONTAINER_SIZE = 128
+EXTENSION_LENGTH_SIZE = 2
+END_OF_EXTENSIONS = b"\x00\x00"
+BLOCK_SIZE = AES.block_size
+IV_SIZE = 16
+KEY_SIZE = 32
+SESSION_SIZE = IV_SIZE + KEY_SIZE
+HMAC_SIZE = hashlib.sha256().digest_size
+TRAILER_SIZE = 1 + HMAC_SIZE
+KDF_ROUNDS = 8192
+MAX_PASSWORD_LENGTH = 1024
+DEFAULT_CHUNK_SIZE = 1024 * 1024
+GENERATED_PASSWORD_BYTES = 32
+
+AES_SUFFIX = ".aes"
+PASSWORD_ENV = "EMR_PASSWORD"
+PROGRESS_BAR_THRESHOLD = 8 * 1024 * 1024
+PROGRESS_BAR_WIDTH = 30
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_WRONG_PASSWORD = 3
+EXIT_BAD_FILE = 4
+EXIT_OUTPUT_EXISTS = 5
+EXIT_MISSING_INPUT = 6
+EXIT_INTERRUPTED = 130
+
+StrPath = Union[str, "os.PathLike[str]"]
+Progress = Optional[Callable[[int, int], None]]
+
+
+class CryptoError(Exception):
+    """Base class; the message is one line naming the file, never the password."""
+
+    reason = "encryption failed"
+
+    def __init__(self, path: StrPath, reason: Optional[str] = None) -> None:
+        self.path = Path(path)
+        self.reason = reason or self.reason
+        super().__init__(f"{self.path}: {self.reason}")
+
+
+class WrongPasswordError(CryptoError):
+    reason = ("wrong password, or the file header is damaged "
+              "(the AES Crypt format cannot tell these apart)")
+
+
+class DamagedFileError(CryptoError):
+    reason = "file is damaged or was tampered with"
+
+
+class TruncatedFileError(CryptoError):
+    reason = "file is truncated"
+
+
+class NotAesCryptError(CryptoError):
+    reason = "not an AES Crypt file"
+
+
+class OutputExistsError(CryptoError):
+    reason = "output file already exists (use overwrite/--force to replace it)"
+
+
+class InvalidPasswordError(CryptoError, ValueError):
+    reason = f"password must be 1 to {MAX_PASSWORD_LENGTH} characters"
+
+
+def generate_password() -> str:
+    """Return a strong random password (43 URL-safe characters, 256 bits)."""
+    return secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
+
+
+def _encode_password(password: str, path: Path) -> bytes:
+    """Encode as the format requires (UTF-16LE).
+
+    The length limit counts UTF-16 code units, which is never fewer than the
+    characters pyAesCrypt counts, so every password accepted here opens there.
+    """
+    try:
+        encoded = password.encode("utf-16-le")
+    except UnicodeEncodeError:
+        raise InvalidPasswordError(path, "password is not valid Unicode text") from None
+    if not encoded or len(encoded) // 2 > MAX_PASSWORD_LENGTH:
+        raise InvalidPasswordError(path)
+    return encoded
+
+
+def _derive_key(password: bytes, iv1: bytes) -> bytes:
+    digest = iv1 + bytes(KEY_SIZE - IV_SIZE)
+    for _ in range(KDF_ROUNDS):
+        digest = hashlib.sha256(digest + password).digest()
+    return digest
+
+
+def _hmac(key: bytes, data: bytes = b"") -> hmac.HMAC:
+    return hmac.new(key, data, hashlib.sha256)
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if chunk_size <= 0 or chunk_size % BLOCK_SIZE:
+        raise ValueError(f"chunk_size must be a positive multiple of {BLOCK_SIZE}")
+
+
+def _read_exact(stream: BinaryIO, size: int, path: Path) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise TruncatedFileError(path)
+    return data
+
+
+def _iter_chunks(stream: BinaryIO, length: int, chunk_size: int, path: Path) -> Iterator[bytes]:
+    remaining = length
+    while remaining:
+        chunk = _read_exact(stream, min(chunk_size, remaining), path)
+        remaining -= len(chunk)
+        yield chunk
+
+
+def _refuse_existing(dst: Path, overwrite: bool) -> None:
+    if dst.exists() and not overwrite:
+        raise OutputExistsError(dst)
+
+
+@contextmanager
+def _atomic_output(dst: Path, overwrite: bool) -> Iterator[BinaryIO]:
+    """A temp file beside dst, moved into place only if the block succeeds (owner-only, as mkstemp makes it)."""
+    try:
+        with written_atomically(dst, overwrite=overwrite) as out:
+            yield out
+    except FileExistsError:
+        raise OutputExistsError(dst) from None
+
+
+def _header(iv1: bytes, encrypted_session: bytes, session_mac: bytes) -> bytes:
+    created_by = CREATED_BY_ID + b"\x00" + CREATED_BY
+    return b"".join([
+        MAGIC, bytes([FORMAT_VERSION, RESERVED_BYTE]),
+        len(created_by).to_bytes(EXTENSION_LENGTH_SIZE, "big"), created_by,
+        CONTAINER_SIZE.to_bytes(EXTENSION_LENGTH_SIZE, "big"), bytes(CONTAINER_SIZE),
+        END_OF_EXTENSIONS, iv1, encrypted_session, session_mac,
+    ])
+
+
+def encrypt_file(src: StrPath, dst: StrPath, password: str, *,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress = None,
+                 overwrite: bool = False) -> int:
+    """Encrypt src into dst (AES Crypt v2) and return the number of bytes written."""
+    src, dst = Path(src), Path(dst)
+    _check_chunk_size(chunk_size)
+    encoded = _encode_password(password, src)
+    _refuse_existing(dst, overwrite)
+    with open(src, "rb") as fin, _atomic_output(dst, overwrite) as out:
+        total = os.fstat(fin.fileno()).st_size
+        iv1, iv2, key2 = (secrets.token_bytes(n) for n in (IV_SIZE, IV_SIZE, KEY_SIZE))
+        key = _derive_key(encoded, iv1)
+        encrypted_session = AES.new(key, AES.MODE_CBC, iv1).encrypt(iv2 + key2)
+        written = out.write(_header(iv1, encrypted_session, _hmac(key, encrypted_session).digest()))
+        cipher, mac = AES.new(key2, AES.MODE_CBC, iv2), _hmac(key2)
+        done = 0
+        while True:
+            chunk = fin.read(chunk_size)
+            done += len(chunk)
+            last = len(chunk) < chunk_size
+            if last and len(chunk) % BLOCK_SIZE:
+                # Like pyAesCrypt: n bytes of value n, and none at all when the
+                # size is already a multiple of 16 (the modulo byte records it).
+                pad = BLOCK_SIZE - len(chunk) % BLOCK_SIZE
+                chunk += bytes([pad]) * pad
+            encrypted = cipher.encrypt(chunk)
+            mac.update(encrypted)
+            written += out.write(encrypted)
+            if progress and chunk:
+                progress(done, total)
+            if last:
+                break
+        written += out.write(bytes([done % BLOCK_SIZE]) + mac.digest())
+    return written
+
+
+def _read_header(fin: BinaryIO, path: Path) -> tuple[bytes, bytes, bytes]:
+    """Check magic, version and reserved byte, skip extensions; return (IV1, session, HMAC)."""
+    prefix = fin.read(PREFIX_SIZE)
+    if prefix[:len(MAGIC)] != MAGIC:
+        raise NotAesCryptError(path)
+    if len(prefix) < PREFIX_SIZE:
+        raise TruncatedFileError(path)
+    version, reserved = prefix[len(MAGIC):]
+    if version != FORMAT_VERSION:
+        raise NotAesCryptError(path, f"unsupported AES Crypt format version {version} "
+                                     f"(only version {FORMAT_VERSION} is supported)")
+    if reserved != RESERVED_BYTE:
+        raise DamagedFileError(path)
+    while True:
+        length = int.from_bytes(_read_exact(fin, EXTENSION_LENGTH_SIZE, path), "big")
+        if not length:
+            break
+        _read_exact(fin, length, path)
+    return (_read_exact(fin, IV_SIZE, path), _read_exact(fin, SESSION_SIZE, path),
+            _read_exact(fin, HMAC_SIZE, path))
+
+
+def decrypt_file(src: StrPath, dst: StrPath, password: str, *,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress = None,
+                 overwrite: bool = False) -> int:
+    """Decrypt src into dst and return the number of plaintext bytes written.
+
+    Nothing is written unless the password is right (header HMAC) and the body
+    HMAC matches, checked in a first pass over the ciphertext.  The second pass
+    decrypts and recomputes the HMAC, in case the file changed in between.
+    progress receives bytes processed over both passes, out of twice the body size.
+    """
+    src, dst = Path(src), Path(dst)
+    _check_chunk_size(chunk_size)
+    encoded = _encode_password(password, src)
+    _refuse_existing(dst, overwrite)
+    with open(src, "rb") as fin:
+        size = os.fstat(fin.fileno()).st_size
+        iv1, encrypted_session, session_mac = _read_header(fin, src)
+        key = _derive_key(encoded, iv1)
+        if not hmac.compare_digest(_hmac(key, encrypted_session).digest(), session_mac):
+            raise WrongPasswordError(src)
+        session = AES.new(key, AES.MODE_CBC, iv1).decrypt(encrypted_session)
+        iv2, key2 = session[:IV_SIZE], session[IV_SIZE:]
+        body_start = fin.tell()
+        body_length = size - body_start - TRAILER_SIZE
+        if body_length < 0 or body_length % BLOCK_SIZE:
+            raise TruncatedFileError(src)
+        fin.seek(body_start + body_length)
+        trailer = _read_exact(fin, TRAILER_SIZE, src)
+        modulo, body_mac = trailer[0], trailer[1:]
+        if modulo >= BLOCK_SIZE or (body_length == 0 and modulo):
+            raise DamagedFileError(src)
+        total, done = 2 * body_length, 0
+
+        fin.seek(body_start)
+        mac = _hmac(key2)
+        for chunk in _iter_chunks(fin, body_length, chunk_size, src):
+            mac.update(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+        if not hmac.compare_digest(mac.digest(), body_mac):
+            raise DamagedFileError(src)
+
+        fin.seek(body_start)
+        cipher, mac = AES.new(key2, AES.MODE_CBC, iv2), _hmac(key2)
+        written, remaining = 0, body_length
+        with _atomic_output(dst, overwrite) as out:
+            for chunk in _iter_chunks(fin, body_length, chunk_size, src):
+                mac.update(chunk)
+                plain = cipher.decrypt(chunk)
+                remaining -= len(chunk)
+                if not remaining and modulo:
+                    plain = plain[:len(plain) - (BLOCK_SIZE - modulo)]
+                written += out.write(plain)
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+            if not hmac.compare_digest(mac.digest(), body_mac):
+                raise DamagedFileError(src, "file changed while it was being decrypted")
+    return written
+
+
+class _ProgressBar:
+    """A one-line bar on stderr, drawn only for large files on a terminal."""
+
+    def __init__(self, label: str, size: int) -> None:
+        self.label = label
+        self.enabled = sys.stderr.isatty() and size > PROGRESS_BAR_THRESHOLD
+        self.drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or not total:
+            return
+        filled = done * PROGRESS_BAR_WIDTH // total
+        bar = "#" * filled + "." * (PROGRESS_BAR_WIDTH - filled)
+        sys.stderr.write(f"\r{self.label} [{bar}] {100 * done // total:3d}%")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\n")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _get_password(explicit: Optional[str], confirm: bool) -> str:
+    """-p, then $EMR_PASSWORD, then an interactive prompt (twice when encrypting)."""
+    if explicit is not None:
+        return explicit
+    if os.environ.get(PASSWORD_ENV):
+        return os.environ[PASSWORD_ENV]
+    if not sys.stdin.isatty():
+        raise _UsageError(f"no password: use -p, set {PASSWORD_ENV}, or run in a terminal")
+    password = getpass.getpass("Password: ")
+    if confirm and getpass.getpass("Repeat password: ") != password:
+        raise _UsageError("passwords do not match")
+    return password
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("file", help="input file")
+    common.add_argument("-o", "--output", help="output file")
+    common.add_argument("--force", action="store_true", help="replace an existing output file")
+    common.add_argument("-p", "--password", help=f"password (visible to other users in the "
+                        f"process list; prefer ${PASSWORD_ENV} or the prompt)")
+    parser = argparse.ArgumentParser(description="AES Crypt (v2) file encryption for emr-chain.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("encrypt", parents=[common], help=f"write FILE{AES_SUFFIX}")
+    commands.add_parser("decrypt", parents=[common], help=f"write FILE without {AES_SUFFIX}")
+    commands.add_parser("keygen", help="print a strong random password")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "keygen":
+        print(generate_password())
+        return EXIT_OK
+    src = Path(args.file)
+    if not src.is_file():
+        print(f"error: {src}: no such file", file=sys.stderr)
+        return EXIT_MISSING_INPUT
+    encrypting = args.command == "encrypt"
+    if args.output:
+        dst = Path(args.output)
+    elif encrypting:
+        dst = src.with_name(src.name + AES_SUFFIX)
+    elif src.name.lower().endswith(AES_SUFFIX) and len(src.name) > len(AES_SUFFIX):
+        dst = src.with_name(src.name[:-len(AES_SUFFIX)])
+    else:
+        raise _UsageError(f"{src}: name does not end in {AES_SUFFIX}; use -o to name the output")
+    _refuse_existing(dst, args.force)
+    password = _get_password(args.password, confirm=encrypting)
+    bar = _ProgressBar("encrypting" if encrypting else "decrypting", src.stat().st_size)
+    try:
+        operation = encrypt_file if encrypting else decrypt_file
+        operation(src, dst, password, progress=bar, overwrite=args.force)
+    finally:
+        bar.close()
+    return EXIT_OK
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Command-line entry point; returns the process exit code."""
+    args = _build_parser().parse_args(argv)
+    exit_codes = [(WrongPasswordError, EXIT_WRONG_PASSWORD), (OutputExistsError, EXIT_OUTPUT_EXISTS),
+                  (InvalidPasswordError, EXIT_USAGE), (CryptoError, EXIT_BAD_FILE)]
+    try:
+        return _run(args)
+    except _UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CryptoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return next(code for kind, code in exit_codes if isinstance(exc, kind))
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (KeyboardInterrupt, EOFError):
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
