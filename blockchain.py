@@ -1,0 +1,464 @@
+"""The paper's proof-of-work chain of medical-record transactions, in plain Python.
+
+A block is a dict with exactly index, timestamp, nonce, previous_hash and
+transactions. A transaction records where an encrypted record lives on IPFS:
+{"user_id", "ipfs_hash", "EHR_name"}, plus an "id" the node gives it and,
+when known, the record's "file_name" and "file_size".
+
+Two proofs of work are offered:
+- "paper": the nonce n is the smallest positive integer for which
+  sha256(str(n**2 - previous_nonce**2)) starts with DIFFICULTY zeros. It does
+  not cover the block's content: the newest block's transactions can change
+  unnoticed (every older block is still protected by the hash link after it).
+- "content": the block's own hash must start with DIFFICULTY zeros, so no
+  transaction of any block, the newest included, can change.
+
+`Blockchain` is thread-safe: every accepted transaction ends up in exactly
+one block, and concurrent mining never produces two blocks with one index.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import uuid
+from concurrent.futures import Executor, ProcessPoolExecutor
+from datetime import datetime
+from itertools import count
+from typing import Any, Iterable, NamedTuple
+
+Block = dict[str, Any]
+Transaction = dict[str, Any]
+
+GENESIS_INDEX = 1
+GENESIS_NONCE = 1
+GENESIS_PREVIOUS_HASH = "0"
+BLOCK_KEYS = frozenset({"index", "timestamp", "nonce", "previous_hash", "transactions"})
+TRANSACTION_KEYS = ("user_id", "ipfs_hash", "EHR_name")
+OPTIONAL_TRANSACTION_KEYS = ("id", "file_name", "file_size")
+TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+MAX_TEXT_LENGTH = 256
+MAX_TRANSACTIONS_PER_BLOCK = 10_000
+# Nonces each mining process tries per task: large enough that process hand-off
+# costs little, small enough that the first hit is not overshot by much.
+NONCES_PER_TASK = 20_000
+
+CID_V0 = re.compile(r"^Qm[1-9A-HJ-NP-Za-km-z]{44}$")
+CID_V1_BASE32 = re.compile(r"^b[a-z2-7]{58,}$")
+TRANSACTION_ID = re.compile(r"^[0-9a-f]{32}$")
+FILE_SIZE = re.compile(r"^[0-9]{1,19}$")
+
+
+class Receipt(NamedTuple):
+    index: int  # the block the transaction is in, or will be in once mined
+    transaction: Transaction  # as recorded, with its id
+    new: bool  # False if the id was already known: nothing was added
+
+
+class InvalidTransaction(ValueError):
+    """A transaction does not have the required shape; the message names the field."""
+
+
+def hash_block(block: Block) -> str:
+    """SHA-256 of the block's canonical JSON, as the next block's previous_hash."""
+    return hashlib.sha256(json.dumps(block, sort_keys=True).encode()).hexdigest()
+
+
+def is_cid(value: str) -> bool:
+    """A CIDv0 (Qm..., base58btc) or a CIDv1 in Kubo's default base32 text form."""
+    return bool(CID_V0.match(value) or CID_V1_BASE32.match(value))
+
+
+def paper_proof_ok(nonce: int, previous_nonce: int, difficulty: int) -> bool:
+    digest = hashlib.sha256(str(nonce**2 - previous_nonce**2).encode()).hexdigest()
+    return digest.startswith("0" * difficulty)
+
+
+def content_proof_ok(block: Block, difficulty: int) -> bool:
+    return hash_block(block).startswith("0" * difficulty)
+
+
+def _content_template(block: Block) -> tuple[bytes, bytes]:
+    """The block's canonical JSON split around its nonce, so a search only formats the number."""
+    marker = "\x00nonce\x00"
+    text = json.dumps({**block, "nonce": marker}, sort_keys=True)
+    before, after = text.split(json.dumps(marker))
+    return before.encode(), after.encode()
+
+
+def search_nonces(start: int, stop: int, difficulty: int, previous_nonce: int | None,
+                  template: tuple[bytes, bytes] | None) -> int | None:
+    """The smallest nonce in [start, stop) that passes, or None. Runs in mining processes."""
+    zeros = "0" * difficulty
+    sha256 = hashlib.sha256
+    if template is None:
+        square = previous_nonce**2
+        for nonce in range(start, stop):
+            if sha256(str(nonce * nonce - square).encode()).hexdigest().startswith(zeros):
+                return nonce
+        return None
+    before, after = template
+    for nonce in range(start, stop):
+        if sha256(before + str(nonce).encode() + after).hexdigest().startswith(zeros):
+            return nonce
+    return None
+
+
+def proof_of_work(previous_nonce: int, difficulty: int, *, block: Block | None = None,
+                  executor: Executor | None = None, workers: int = 1) -> int:
+    """The smallest positive nonce that passes the proof.
+
+    Paper proof when `block` is None, else the content proof over `block`. With an
+    executor, consecutive ranges are searched in parallel and taken in order, so the
+    answer is the same smallest nonce a single loop finds.
+    """
+    template = _content_template(block) if block is not None else None
+    if executor is None or workers <= 1:
+        for start in count(1, NONCES_PER_TASK):
+            found = search_nonces(start, start + NONCES_PER_TASK, difficulty, previous_nonce, template)
+            if found is not None:
+                return found
+    in_flight = []
+    starts = count(1, NONCES_PER_TASK)
+    try:
+        for _ in range(2 * workers):
+            start = next(starts)
+            in_flight.append(executor.submit(search_nonces, start, start + NONCES_PER_TASK,
+                                             difficulty, previous_nonce, template))
+        while True:
+            found = in_flight.pop(0).result()
+            if found is not None:
+                return found
+            start = next(starts)
+            in_flight.append(executor.submit(search_nonces, start, start + NONCES_PER_TASK,
+                                             difficulty, previous_nonce, template))
+    finally:
+        for future in in_flight:
+            future.cancel()
+
+
+def make_genesis(timestamp: str) -> Block:
+    return {"index": GENESIS_INDEX, "timestamp": timestamp, "nonce": GENESIS_NONCE,
+            "previous_hash": GENESIS_PREVIOUS_HASH, "transactions": []}
+
+
+def check_transaction(tx: Any) -> Transaction:
+    """Return the transaction with only known fields; raise InvalidTransaction naming what is wrong."""
+    if not isinstance(tx, dict):
+        raise InvalidTransaction("a transaction must be a JSON object")
+    unknown = set(tx) - set(TRANSACTION_KEYS) - set(OPTIONAL_TRANSACTION_KEYS)
+    if unknown:
+        raise InvalidTransaction(f"unknown field(s): {', '.join(sorted(unknown))}")
+    for key in TRANSACTION_KEYS + ("file_name",):
+        if key not in tx:
+            if key == "file_name":
+                continue
+            raise InvalidTransaction(f"'{key}' is required")
+        value = tx[key]
+        if not isinstance(value, str):
+            raise InvalidTransaction(f"'{key}' must be a string")
+        if not value.strip():
+            raise InvalidTransaction(f"'{key}' must not be empty")
+        if len(value) > MAX_TEXT_LENGTH:
+            raise InvalidTransaction(f"'{key}' is longer than {MAX_TEXT_LENGTH} characters")
+        if any(ord(ch) < 32 for ch in value):
+            raise InvalidTransaction(f"'{key}' contains control characters")
+    if not is_cid(tx["ipfs_hash"]):
+        raise InvalidTransaction("'ipfs_hash' is not an IPFS CID (expected Qm... or b...)")
+    if "/" in tx.get("file_name", "") or "\\" in tx.get("file_name", ""):
+        raise InvalidTransaction("'file_name' must be a plain file name, without folders")
+    if "file_size" in tx:
+        size = tx["file_size"]
+        if isinstance(size, bool) or not isinstance(size, (int, str)) or not FILE_SIZE.match(str(size)):
+            raise InvalidTransaction("'file_size' must be a non-negative whole number")
+    if "id" in tx and not (isinstance(tx["id"], str) and TRANSACTION_ID.match(tx["id"])):
+        raise InvalidTransaction("'id' must be 32 lowercase hex digits")
+    clean = {key: tx[key] for key in TRANSACTION_KEYS + OPTIONAL_TRANSACTION_KEYS if key in tx}
+    if "file_size" in clean:
+        clean["file_size"] = str(clean["file_size"])
+    return clean
+
+
+def _record_keys(name: str) -> set[str]:
+    """Lookup keys of a name: itself and its stem ("MRI.pdf.aes" -> "mri.pdf.aes", "mri")."""
+    folded = name.casefold()
+    return {folded, folded.split(".", 1)[0]} if folded else set()
+
+
+class Blockchain:
+    """One node's chain and pending transactions."""
+
+    def __init__(self, difficulty: int = 4, genesis_timestamp: str = "2020-09-02 23:31:41.258101",
+                 pow_mode: str = "paper", mining_workers: int = 1) -> None:
+        if pow_mode not in ("paper", "content"):
+            raise ValueError("pow_mode must be 'paper' or 'content'")
+        self.difficulty = difficulty
+        self.pow_mode = pow_mode
+        self.genesis = make_genesis(genesis_timestamp)
+        self.mining_workers = mining_workers
+        self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.RLock()
+        self._mine_lock = threading.Lock()
+        self._chain: list[Block] = [self.genesis]
+        self._pending: dict[str, Transaction] = {}
+        self._tx_block: dict[str, int] = {}
+        self._records: dict[str, list[tuple[int, Transaction]]] = {}
+        self._newest_by_cid: dict[str, Transaction] = {}
+
+    # -- reading -------------------------------------------------------------
+
+    @property
+    def chain(self) -> list[Block]:
+        with self._lock:
+            return list(self._chain)
+
+    @property
+    def pending(self) -> list[Transaction]:
+        with self._lock:
+            return list(self._pending.values())
+
+    @property
+    def last_block(self) -> Block:
+        with self._lock:
+            return self._chain[-1]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._chain)
+
+    def find_records(self, name: str) -> list[tuple[int, Transaction]]:
+        """Mined records whose file name or EHR_name matches `name`, newest first.
+
+        "MRI.pdf.aes" finds a record named "MRI" and "MRI" finds "MRI.pdf.aes";
+        case does not matter.
+        """
+        with self._lock:
+            found: dict[str, tuple[int, Transaction]] = {}
+            for key in _record_keys(name):
+                for index, tx in self._records.get(key, ()):
+                    found[tx["id"]] = (index, tx)
+        return sorted(found.values(), key=lambda item: item[0], reverse=True)
+
+    def record_for_cid(self, cid: str) -> Transaction | None:
+        """The newest mined record of this IPFS hash, if any."""
+        with self._lock:
+            return self._newest_by_cid.get(cid)
+
+    def find_transaction(self, tx_id: str) -> int | None:
+        """Block index holding the transaction, 0 if pending, None if unknown."""
+        with self._lock:
+            if tx_id in self._tx_block:
+                return self._tx_block[tx_id]
+            return 0 if tx_id in self._pending else None
+
+    # -- validity ------------------------------------------------------------
+
+    def proof_ok(self, block: Block, previous: Block) -> bool:
+        if self.pow_mode == "content":
+            return content_proof_ok(block, self.difficulty)
+        return paper_proof_ok(block["nonce"], previous["nonce"], self.difficulty)
+
+    def chain_problem(self, chain: Any) -> str | None:
+        """Why `chain` is not a valid chain of this network, or None if it is."""
+        if not isinstance(chain, list) or not chain:
+            return "the chain is not a non-empty list"
+        if chain[0] != self.genesis:
+            return "the genesis block differs from this network's"
+        seen_ids: set[str] = set()
+        for position in range(1, len(chain)):
+            block, previous = chain[position], chain[position - 1]
+            problem = self.block_problem(block, previous)
+            if problem:
+                return f"block {position + 1}: {problem}"
+            ids = [tx.get("id") for tx in block["transactions"]]
+            if seen_ids.intersection(ids):
+                return f"block {position + 1}: repeats a transaction of an earlier block"
+            seen_ids.update(ids)
+        return None
+
+    def block_problem(self, block: Any, previous: Block) -> str | None:
+        """Why `block` cannot follow `previous`, or None if it can."""
+        if not isinstance(block, dict) or set(block) != BLOCK_KEYS:
+            return "a block must have exactly index, timestamp, nonce, previous_hash and transactions"
+        if type(block["index"]) is not int or block["index"] != previous["index"] + 1:
+            return f"index {block['index']!r} does not follow {previous['index']}"
+        if type(block["nonce"]) is not int or block["nonce"] < 1:
+            return "the nonce is not a positive integer"
+        if block["previous_hash"] != hash_block(previous):
+            return "previous_hash does not match the hash of the block before"
+        if not isinstance(block["timestamp"], str) or not _timestamp_follows(block["timestamp"], previous["timestamp"]):
+            return "the timestamp is malformed or earlier than the block before"
+        transactions = block["transactions"]
+        if not isinstance(transactions, list) or len(transactions) > MAX_TRANSACTIONS_PER_BLOCK:
+            return "transactions is not a list of acceptable length"
+        for tx in transactions:
+            try:
+                clean = check_transaction(tx)
+            except InvalidTransaction as exc:
+                return f"a transaction is malformed: {exc}"
+            if clean != tx or "id" not in tx:
+                return "a transaction has a field of the wrong form or no id"
+        if len({tx["id"] for tx in transactions}) != len(transactions):
+            return "a transaction appears twice"
+        if not self.proof_ok(block, previous):
+            return "the nonce does not pass the proof of work"
+        return None
+
+    def is_chain_valid(self, chain: list[Block] | None = None) -> bool:
+        return self.chain_problem(self.chain if chain is None else chain) is None
+
+    # -- changing ------------------------------------------------------------
+
+    def add_transaction(self, tx: Transaction) -> Receipt:
+        """Queue a transaction for the next block.
+
+        A transaction whose id is already known is not added again (receipt.new is
+        False), so retries and gossip are safe.
+        """
+        clean = check_transaction(tx)
+        clean.setdefault("id", uuid.uuid4().hex)
+        with self._lock:
+            where = self.find_transaction(clean["id"])
+            if where is None:
+                self._pending[clean["id"]] = clean
+            return Receipt(where or len(self._chain) + 1, clean, where is None)
+
+    def mine_block(self) -> Block:
+        """Mine the pending transactions into a new block and append it."""
+        with self._mine_lock:
+            while True:
+                with self._lock:
+                    previous = self._chain[-1]
+                    transactions = list(self._pending.values())[:MAX_TRANSACTIONS_PER_BLOCK]
+                block = {"index": previous["index"] + 1, "timestamp": _now_after(previous["timestamp"]),
+                         "nonce": 0, "previous_hash": hash_block(previous), "transactions": transactions}
+                block["nonce"] = self._search(block, previous)
+                with self._lock:
+                    if self._chain[-1] is not previous:
+                        continue  # a peer's block arrived meanwhile: mine on top of it
+                    self._append(block)
+                    return block
+
+    def _search(self, block: Block, previous: Block) -> int:
+        executor = self._get_executor()
+        if self.pow_mode == "content":
+            return proof_of_work(previous["nonce"], self.difficulty, block=block,
+                                 executor=executor, workers=self.mining_workers)
+        return proof_of_work(previous["nonce"], self.difficulty, executor=executor, workers=self.mining_workers)
+
+    def _get_executor(self) -> ProcessPoolExecutor | None:
+        if self.mining_workers <= 1:
+            return None
+        if self._executor is None:
+            # spawn, not fork: the node is multi-threaded, and a forked child could inherit held locks
+            import multiprocessing
+            self._executor = ProcessPoolExecutor(self.mining_workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)
+            self._executor = None
+
+    def _append(self, block: Block) -> None:
+        """Append a checked block; caller holds the lock."""
+        self._chain.append(block)
+        self._index_block(block)
+        for tx in block["transactions"]:
+            self._pending.pop(tx["id"], None)
+
+    def _index_block(self, block: Block) -> None:
+        for tx in block["transactions"]:
+            self._tx_block[tx["id"]] = block["index"]
+            self._newest_by_cid[tx["ipfs_hash"]] = tx
+            for key in _record_keys(tx["EHR_name"]) | _record_keys(tx.get("file_name", "")):
+                self._records.setdefault(key, []).append((block["index"], tx))
+
+    def receive_block(self, block: Any) -> str:
+        """Take a block a peer announced.
+
+        Returns "appended", "known" (we have it), "invalid", or "behind" (it does not
+        follow our last block: the caller should compare whole chains with that peer).
+        """
+        if not isinstance(block, dict) or type(block.get("index")) is not int or block["index"] < GENESIS_INDEX:
+            return "invalid"
+        with self._lock:
+            last = self._chain[-1]
+            if block["index"] <= last["index"]:
+                return "known" if self._chain[block["index"] - 1] == block else "behind"
+            if block["index"] > last["index"] + 1:
+                return "behind"
+            if self.block_problem(block, last) or any(tx["id"] in self._tx_block for tx in block["transactions"]):
+                return "invalid"
+            self._append(block)
+            return "appended"
+
+    def prefers(self, candidate: list[Block]) -> bool:
+        """Fork choice: a longer chain wins; of two as long, the one with the lower last hash.
+
+        The tie-break makes nodes that mined at the same moment settle on one chain
+        without waiting for the next block.
+        """
+        with self._lock:
+            if len(candidate) != len(self._chain):
+                return len(candidate) > len(self._chain)
+            return hash_block(candidate[-1]) < hash_block(self._chain[-1])
+
+    def replace_chain(self, candidate: Any) -> tuple[bool, str]:
+        """Adopt `candidate` if it is valid and preferred (longest-valid-chain rule).
+
+        Returns (replaced, why). Transactions of our pending list or of our dropped
+        blocks that the adopted chain does not hold stay pending: nothing is lost or
+        duplicated.
+        """
+        if not isinstance(candidate, list) or not candidate or not isinstance(candidate[-1], dict):
+            return False, "invalid: the chain is not a non-empty list of blocks"
+        if not self.prefers(candidate):
+            return False, f"a chain of length {len(candidate)} is not preferred over ours ({len(self)})"
+        problem = self.chain_problem(candidate)
+        if problem:
+            return False, f"invalid: {problem}"
+        with self._lock:
+            if not self.prefers(candidate):  # ours grew while the candidate was checked
+                return False, f"a chain of length {len(candidate)} is not preferred over ours ({len(self)})"
+            orphans = [tx for block in self._chain for tx in block["transactions"]] + self.pending
+            self._load(candidate)
+            for tx in orphans:
+                if tx["id"] not in self._tx_block:
+                    self._pending.setdefault(tx["id"], tx)
+            return True, f"adopted a chain of length {len(candidate)}"
+
+    def _load(self, chain: list[Block]) -> None:
+        """Make a checked chain ours, with its indexes; caller holds the lock."""
+        self._chain = list(chain)
+        self._tx_block, self._records, self._newest_by_cid, self._pending = {}, {}, {}, {}
+        for block in self._chain:
+            self._index_block(block)
+
+    def restore(self, chain: list[Block], pending: Iterable[Transaction]) -> None:
+        """Load a saved state; raises ValueError naming the problem if it is not valid."""
+        problem = self.chain_problem(chain)
+        if problem:
+            raise ValueError(problem)
+        with self._lock:
+            self._load(chain)
+            for tx in pending:
+                self.add_transaction(tx)
+
+
+def _timestamp_follows(timestamp: str, previous: str) -> bool:
+    try:
+        return datetime.strptime(timestamp, TIMESTAMP_FORMAT) >= datetime.strptime(previous, TIMESTAMP_FORMAT)
+    except ValueError:
+        return False
+
+
+def _now_after(previous: str) -> str:
+    """str(datetime.now()), as in the paper, never earlier than the previous block's."""
+    now = datetime.now()
+    try:
+        now = max(now, datetime.strptime(previous, TIMESTAMP_FORMAT))
+    except ValueError:
+        pass
+    return now.strftime(TIMESTAMP_FORMAT)

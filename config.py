@@ -1,0 +1,155 @@
+"""Every setting of an emr-chain node, in one place.
+
+Each setting is a field of `Config` with a safe default, an environment
+variable (`EMR_` + the name in capitals) and a command-line flag (`--` + the
+name with dashes). A flag beats the environment, the environment beats the
+default. `python app.py --help` lists them all.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+ENV_PREFIX = "EMR_"
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+# The paper's own genesis block (Fig. 4d); every node of one network must use the same one.
+PAPER_GENESIS_TIMESTAMP = "2020-09-02 23:31:41.258101"
+
+# Endpoints each role's node serves. A role not listed here serves everything
+# (an operator-defined role is trusted until it is given a row).
+# Health, documentation and the node-to-node endpoints are always served.
+READ_ENDPOINTS = ("get_chain", "is_valid", "get_file_hash", "replace_chain")
+FETCH_ENDPOINTS = ("get_file", "download_file", "decrypt_file")
+WRITE_ENDPOINTS = ("create_hash", "add_transaction", "mine_block", "encrypt_file")
+NETWORK_ENDPOINTS = ("connect_node",)
+ALWAYS_SERVED = ("health", "openapi", "docs", "receive_block", "receive_transaction")
+ROLE_ENDPOINTS: dict[str, tuple[str, ...]] = {
+    "patient": READ_ENDPOINTS + FETCH_ENDPOINTS + WRITE_ENDPOINTS + NETWORK_ENDPOINTS,
+    "healthcare_authority": READ_ENDPOINTS + FETCH_ENDPOINTS + NETWORK_ENDPOINTS + ("mine_block",),
+    "healthcare_provider": READ_ENDPOINTS + FETCH_ENDPOINTS + NETWORK_ENDPOINTS + ("mine_block",),
+}
+ROLE_ALIASES = {"healthcare": "healthcare_authority", "authority": "healthcare_authority",
+                "provider": "healthcare_provider", "doctor": "healthcare_provider"}
+
+
+def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Config:
+    """The settings of one node. Build it with `load_config`, or directly in tests."""
+
+    host: str = _setting("127.0.0.1", "address the node listens on; a non-loopback address needs --api-key")
+    port: int = _setting(5002, "port the node listens on (paper: 5002 patient, 5003 healthcare authority)")
+    role: str = _setting("patient", "this node's role; see ROLE_ENDPOINTS in config.py for what each serves")
+    public_url: str = _setting("", "URL other nodes use to reach this one (default http://HOST:PORT)")
+    data_dir: str = _setting("", "folder for this node's files (default data/node-PORT); file paths are confined to it")
+    difficulty: int = _setting(4, "leading zeros the proof of work needs (the paper uses 4)")
+    pow_mode: str = _setting("paper", "proof of work: 'paper' (nonce against previous nonce) or "
+                                      "'content' (the block's own hash, so no transaction can change)",
+                             choices=("paper", "content"))
+    mining_workers: int = _setting(0, "processes that search for the nonce (0: one per CPU core)")
+    genesis_timestamp: str = _setting(PAPER_GENESIS_TIMESTAMP, "genesis block timestamp; the same on every node of a network")
+    ipfs_api: str = _setting("http://127.0.0.1:5001", "Kubo RPC API address")
+    ipfs_timeout: float = _setting(120.0, "seconds to wait for Kubo to answer an add or cat")
+    ipfs_lookup_timeout: float = _setting(5.0, "seconds to look for a CID before calling it unknown")
+    peers: str = _setting("", "comma-separated node URLs to connect to at start")
+    peer_allow: str = _setting("127.0.0.0/8,::1/128,localhost", "comma-separated networks and host names peers may be on")
+    peer_timeout: float = _setting(3.0, "seconds to wait for another node")
+    sync_interval: float = _setting(15.0, "seconds between background chain syncs with peers (0: off)")
+    max_peer_response_bytes: int = _setting(64 * MIB, "largest answer taken from a peer; larger ones are cut off and the peer skipped")
+    max_body_bytes: int = _setting(1 * MIB, "largest JSON request body")
+    max_upload_bytes: int = _setting(2 * GIB, "largest file upload to create_hash")
+    max_json_depth: int = _setting(32, "deepest nesting accepted in a JSON body")
+    threads: int = _setting(16, "request threads of the WSGI server")
+    api_key: str = _setting("", "when set, every endpoint but /health needs it (Bearer or X-API-Key)")
+    persist: bool = _setting(False, "keep chain, pending transactions and peers in the data directory")
+    log_level: str = _setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir or f"data/node-{self.port}").resolve()
+
+    @property
+    def downloads_path(self) -> Path:
+        return self.data_path / "downloads"
+
+    @property
+    def own_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def role_name(self) -> str:
+        return ROLE_ALIASES.get(self.role, self.role)
+
+    @property
+    def peer_list(self) -> list[str]:
+        return split_list(self.peers)
+
+
+def split_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _convert(kind: type, raw: str) -> Any:
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"not a boolean: {raw!r}")
+    return kind(raw)
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="app.py", description="Run one emr-chain node (a Flask REST API over a proof-of-work chain and IPFS).",
+        epilog=f"Every flag also reads an environment variable: {ENV_PREFIX}<NAME>, e.g. {env_name('port')}.")
+    for f in dataclasses.fields(Config):
+        kind = _TYPES[f.type]
+        help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default!r}]"
+        if kind is bool:
+            parser.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(flag_name(f.name), dest=f.name, type=kind, default=None,
+                                choices=f.metadata["choices"], help=help_text)
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Defaults, overridden by EMR_* environment variables, overridden by flags."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        raw = environ.get(env_name(f.name))
+        if raw is not None:
+            try:
+                values[f.name] = _convert(_TYPES[f.type], raw)
+            except ValueError as exc:
+                raise SystemExit(f"error: {env_name(f.name)}={raw!r} is not a valid {f.type}: {exc}")
+            choices = f.metadata["choices"]
+            if choices and values[f.name] not in choices:
+                raise SystemExit(f"error: {env_name(f.name)} must be one of {', '.join(choices)}")
+    flags = build_parser().parse_args(argv)
+    values.update({k: v for k, v in vars(flags).items() if v is not None})
+    return Config(**values)

@@ -1,0 +1,167 @@
+"""One emr-chain node: its chain, its peers, its IPFS daemon and its data directory.
+
+The Flask routes in app.py each call one method here; nothing here knows HTTP.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import crypto
+from blockchain import Blockchain, Transaction, is_cid
+from config import Config
+from ipfs_client import IpfsClient, IpfsError
+from network import Network
+from storage import PathRefused, confine_path, safe_file_name, written_atomically
+
+ENCRYPTED_SUFFIX = ".aes"
+
+
+class BadInput(ValueError):
+    """A request value of the wrong form; the message names the field."""
+
+
+class Conflict(Exception):
+    """The request would overwrite something; the message says how to proceed."""
+
+
+class NotFound(Exception):
+    """Nothing matches the request."""
+
+
+@dataclass
+class NamedUpload:
+    """A file object ipfshttpclient adds under `name` (it takes the basename of `.name`)."""
+
+    stream: IO[bytes]
+    name: str
+
+    def read(self, size: int = -1) -> bytes:
+        return self.stream.read(size)
+
+
+class Node:
+    def __init__(self, config: Config, ipfs: IpfsClient | None = None) -> None:
+        self.config = config
+        workers = config.mining_workers or os.cpu_count() or 1
+        self.blockchain = Blockchain(config.difficulty, config.genesis_timestamp, config.pow_mode, workers)
+        self.network = Network(self.blockchain, config)
+        self.ipfs = ipfs or IpfsClient(config.ipfs_api, config.ipfs_timeout, config.ipfs_lookup_timeout)
+        self.data_dir = config.data_path
+        self.downloads = config.downloads_path
+        self.uploads = self.data_dir / ".uploads"
+        for folder in (self.data_dir, self.downloads, self.uploads):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        self.network.stop()
+        self.blockchain.close()
+
+    # -- IPFS ----------------------------------------------------------------
+
+    def create_hash(self, file_path: Any) -> dict[str, str]:
+        path = confine_path(self.data_dir, file_path)
+        if not path.is_file():
+            raise NotFound(f"no file at '{file_path}' in the node's data directory ({self.data_dir})")
+        return self.ipfs.add_file(path)
+
+    def create_hash_from_upload(self, stream: IO[bytes], filename: str) -> dict[str, str]:
+        return self.ipfs.add_file(NamedUpload(stream, safe_file_name(filename, "upload")))  # type: ignore[arg-type]
+
+    def file_info(self, name: Any) -> dict[str, Any]:
+        """The newest mined record matching `name` and every version of it, newest first."""
+        matches = self.blockchain.find_records(name)
+        if not matches:
+            pending = len(self.blockchain.pending)
+            hint = f"; {pending} pending transaction(s) are not searched until mined" if pending else ""
+            raise NotFound(f"no record named '{name}' on the chain{hint}")
+        versions = [{**self._describe(tx, name), "block_index": index, "EHR_name": tx["EHR_name"],
+                     "user_id": tx["user_id"]} for index, tx in matches]
+        newest = dict(versions[0])
+        if newest["Size"] is None:
+            newest["Size"] = self._ipfs_size(newest["Hash"])
+            versions[0]["Size"] = newest["Size"]
+        return {"File info": {key: newest[key] for key in ("Hash", "Name", "Size")}, "versions": versions}
+
+    @staticmethod
+    def _describe(tx: Transaction, asked: str) -> dict[str, Any]:
+        return {"Hash": tx["ipfs_hash"], "Name": tx.get("file_name") or asked, "Size": tx.get("file_size")}
+
+    def _ipfs_size(self, cid: str) -> str | None:
+        """Kubo's size figure for a CID (the one its add reports), or None if IPFS cannot tell now."""
+        try:
+            return str(self.ipfs.stat(cid)["CumulativeSize"])
+        except IpfsError:
+            return None
+
+    def _download_name(self, cid: str) -> str:
+        record = self.blockchain.record_for_cid(cid)
+        return safe_file_name(record.get("file_name", "") if record else "", cid)
+
+    def get_file(self, cid: Any) -> tuple[str, int]:
+        """Fetch a file from IPFS into the downloads folder; returns (path within data dir, size)."""
+        cid = _checked_cid(cid)
+        destination = self.downloads / self._download_name(cid)
+        size = 0
+        with written_atomically(destination) as out:
+            for chunk in self.ipfs.cat(cid):
+                out.write(chunk)
+                size += len(chunk)
+        return self._relative(destination), size
+
+    def stream_file(self, cid: Any) -> tuple[str, int, Iterator[bytes]]:
+        """(download name, size, bytes) of a file, for sending it back as an attachment."""
+        cid = _checked_cid(cid)
+        size = self.ipfs.stat(cid)["Size"]
+        return self._download_name(cid), size, self.ipfs.cat(cid)
+
+    # -- encryption ----------------------------------------------------------
+
+    def encrypt_file(self, file_path: Any, password: str, output_path: Any = None,
+                     overwrite: bool = False) -> tuple[str, int]:
+        source = self._existing(file_path)
+        target = confine_path(self.data_dir, output_path, "output_path") if output_path else \
+            source.with_name(source.name + ENCRYPTED_SUFFIX)
+        return self._crypt(crypto.encrypt_file, source, target, password, overwrite)
+
+    def decrypt_file(self, file_path: Any, password: str, output_path: Any = None,
+                     overwrite: bool = False) -> tuple[str, int]:
+        source = self._existing(file_path)
+        if output_path:
+            target = confine_path(self.data_dir, output_path, "output_path")
+        elif source.name.endswith(ENCRYPTED_SUFFIX) and len(source.name) > len(ENCRYPTED_SUFFIX):
+            target = source.with_name(source.name[:-len(ENCRYPTED_SUFFIX)])
+        else:
+            raise BadInput("'file_path' does not end in .aes: give 'output_path' for the decrypted file")
+        return self._crypt(crypto.decrypt_file, source, target, password, overwrite)
+
+    def _existing(self, file_path: Any) -> Path:
+        path = confine_path(self.data_dir, file_path)
+        if not path.is_file():
+            raise NotFound(f"no file at '{file_path}' in the node's data directory ({self.data_dir})")
+        return path
+
+    def _crypt(self, operation: Any, source: Path, target: Path, password: str, overwrite: bool) -> tuple[str, int]:
+        if target == source:
+            raise BadInput("the output would overwrite the input")
+        if target.exists() and not overwrite:
+            raise Conflict(f"'{self._relative(target)}' already exists; "
+                           f"send \"overwrite\": true to replace it")
+        try:
+            size = operation(source, target, password, overwrite=overwrite)
+        except crypto.CryptoError as exc:  # name the file as the user did, not by its path on this machine
+            raise type(exc)(self._relative(exc.path), exc.reason) from None
+        return self._relative(target), size
+
+    def _relative(self, path: Path) -> str:
+        return path.relative_to(self.data_dir).as_posix()
+
+
+def _checked_cid(cid: Any) -> str:
+    if not isinstance(cid, str) or not cid.strip():
+        raise BadInput("'ipfs_hash' must be a non-empty string")
+    if not is_cid(cid.strip()):
+        raise BadInput("'ipfs_hash' is not an IPFS CID (expected Qm... or b...)")
+    return cid.strip()

@@ -1,0 +1,183 @@
+"""Records on a real Kubo daemon: create_hash, get_file_hash, get_file, and the adapter's calls on Kubo v0.43."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import PAPER_HASH, Kubo, paper_transaction
+from ipfs_client import IpfsClient, IpfsError
+
+MIB = 1024 * 1024
+SIZES = {"empty": 0, "one-byte": 1, "paper-mri-report": 63_795, "multi-chunk": 5 * MIB + 123}
+
+
+def write(client, name: str, data: bytes) -> Path:
+    path = client.node.data_dir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def record(client, name: str, data: bytes, ehr_name: str = "MRI") -> dict:
+    write(client, name, data)
+    uploaded = client.post("/create_hash", json={"file_path": name}).get_json()["IPFS Hash"]
+    client.post("/add_transaction", json=paper_transaction(ipfs_hash=uploaded["Hash"], EHR_name=ehr_name,
+                                                           file_name=uploaded["Name"], file_size=uploaded["Size"]))
+    client.get("/mine_block")
+    return uploaded
+
+
+@pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
+def test_file_goes_up_and_comes_back_byte_for_byte(ipfs_client, kubo: Kubo, size: int) -> None:
+    data = os.urandom(size)
+    source = write(ipfs_client, "MRI.pdf.aes", data)
+    response = ipfs_client.post("/create_hash", json={"file_path": "MRI.pdf.aes"})
+    assert response.status_code == 200
+    result = response.get_json()["IPFS Hash"]
+    assert set(result) == {"Hash", "Name", "Size"} and result["Name"] == "MRI.pdf.aes"
+    assert isinstance(result["Size"], str) and int(result["Size"]) >= size
+    assert result["Hash"] == kubo.ipfs("add", "--only-hash", "-Q", str(source)).strip()
+    assert result["Hash"].startswith("Qm")
+
+    fetched = ipfs_client.post("/get_file", json={"ipfs_hash": result["Hash"]})
+    assert fetched.status_code == 200
+    body = fetched.get_json()
+    assert body["message"] == "The File has Retrieved at Your Local Directory" and body["size"] == size
+    assert (ipfs_client.node.data_dir / body["path"]).read_bytes() == data
+
+    downloaded = ipfs_client.get(f"/get_file?ipfs_hash={result['Hash']}")
+    assert downloaded.status_code == 200 and downloaded.data == data
+    assert "attachment" in downloaded.headers["Content-Disposition"]
+
+
+def test_name_with_spaces_and_non_ascii_letters_round_trips(ipfs_client) -> None:
+    name = "Rapport IRM Zoë Ñandú 脑.pdf.aes"
+    data = os.urandom(4096)
+    uploaded = record(ipfs_client, name, data)
+    assert uploaded["Name"] == name
+    body = ipfs_client.post("/get_file", json={"ipfs_hash": uploaded["Hash"]}).get_json()
+    assert body["path"] == f"downloads/{name}"
+    assert (ipfs_client.node.data_dir / body["path"]).read_bytes() == data
+    assert ipfs_client.post("/get_file_hash", json={"name": name}).get_json()["File info"]["Name"] == name
+
+
+def test_multipart_upload_is_added_under_its_own_name(ipfs_client, kubo: Kubo, tmp_path: Path) -> None:
+    data = os.urandom(70_000)
+    response = ipfs_client.post("/create_hash", data={"file": (io.BytesIO(data), "X Ray.pdf.aes")},
+                                content_type="multipart/form-data")
+    assert response.status_code == 200
+    result = response.get_json()["IPFS Hash"]
+    (tmp_path / "same.bin").write_bytes(data)
+    assert result["Name"] == "X Ray.pdf.aes"
+    assert result["Hash"] == kubo.ipfs("add", "--only-hash", "-Q", str(tmp_path / "same.bin")).strip()
+    assert list(ipfs_client.node.uploads.iterdir()) == []
+
+
+def test_get_file_hash_finds_a_record_by_file_name_and_by_ehr_name(ipfs_client) -> None:
+    uploaded = record(ipfs_client, "MRI.pdf.aes", os.urandom(63_795))
+    for name in ("MRI.pdf.aes", "MRI", "mri"):
+        response = ipfs_client.post("/get_file_hash", json={"name": name})
+        assert response.status_code == 200, name
+        assert response.get_json()["File info"] == uploaded
+
+
+def test_get_file_hash_lists_every_version_newest_first(ipfs_client) -> None:
+    first = record(ipfs_client, "MRI.pdf.aes", b"first scan")
+    second = record(ipfs_client, "MRI.pdf.aes", b"second scan, a week later")
+    body = ipfs_client.post("/get_file_hash", json={"name": "MRI"}).get_json()
+    assert body["File info"] == second
+    assert [(v["Hash"], v["block_index"]) for v in body["versions"]] == [(second["Hash"], 3), (first["Hash"], 2)]
+
+
+def test_get_file_hash_asks_ipfs_for_the_size_of_a_paper_style_record(ipfs_client) -> None:
+    write(ipfs_client, "MRI.pdf.aes", os.urandom(63_795))
+    uploaded = ipfs_client.post("/create_hash", json={"file_path": "MRI.pdf.aes"}).get_json()["IPFS Hash"]
+    ipfs_client.post("/add_transaction", json=paper_transaction(ipfs_hash=uploaded["Hash"]))
+    ipfs_client.get("/mine_block")
+    info = ipfs_client.post("/get_file_hash", json={"name": "MRI.pdf.aes"}).get_json()["File info"]
+    assert info == uploaded
+
+
+def test_get_file_hash_of_an_unknown_name_is_a_404(ipfs_client) -> None:
+    response = ipfs_client.post("/get_file_hash", json={"name": "X-Ray"})
+    assert response.status_code == 404 and "X-Ray" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize("file_path", ["../outside.txt", "/etc/passwd", "downloads/../../outside.txt",
+                                       "escape-link", "a\x00b", "x" * 300, ""])
+def test_path_outside_the_data_directory_is_refused_and_not_read(ipfs_client, tmp_path: Path, file_path) -> None:
+    (tmp_path / "outside.txt").write_text("secret")
+    (ipfs_client.node.data_dir / "escape-link").symlink_to(tmp_path / "outside.txt")
+    response = ipfs_client.post("/create_hash", json={"file_path": file_path})
+    assert response.status_code == 400
+    assert "file_path" in response.get_json()["error"]
+
+
+def test_missing_file_is_a_404(ipfs_client) -> None:
+    response = ipfs_client.post("/create_hash", json={"file_path": "nothing-here.pdf.aes"})
+    assert response.status_code == 404 and "nothing-here.pdf.aes" in response.get_json()["error"]
+
+
+def test_malformed_hash_is_a_400(ipfs_client) -> None:
+    for request in (lambda: ipfs_client.post("/get_file", json={"ipfs_hash": "QmNotAHash"}),
+                    lambda: ipfs_client.get("/get_file?ipfs_hash=../../etc")):
+        response = request()
+        assert response.status_code == 400 and "ipfs_hash" in response.get_json()["error"]
+
+
+def test_unknown_hash_is_a_404_after_a_bounded_wait(ipfs_client) -> None:
+    response = ipfs_client.post("/get_file", json={"ipfs_hash": PAPER_HASH})
+    assert response.status_code == 404
+    assert PAPER_HASH in response.get_json()["error"]
+    assert list(ipfs_client.node.downloads.iterdir()) == []
+
+
+def test_daemon_down_is_a_503_that_says_where_and_how_and_the_chain_still_serves(client) -> None:
+    write(client, "MRI.pdf.aes", b"scan")
+    response = client.post("/create_hash", json={"file_path": "MRI.pdf.aes"})
+    assert response.status_code == 503
+    message = response.get_json()["error"]
+    assert client.node.config.ipfs_api in message and "start it" in message
+    assert client.post("/get_file", json={"ipfs_hash": PAPER_HASH}).status_code == 503
+    assert client.get("/get_chain").status_code == 200
+    assert client.post("/add_transaction", json=paper_transaction()).status_code == 201
+
+
+def test_adapter_calls_work_against_this_kubo(kubo: Kubo, tmp_path: Path) -> None:
+    """Every ipfshttpclient call the adapter uses, on the Kubo version the project installs."""
+    adapter = IpfsClient(kubo.api_url, lookup_timeout=2)
+    assert adapter.version() == kubo.ipfs("version", "--number").strip()
+    assert adapter.peer_id() == kubo.peer_id()
+    path = tmp_path / "scan.bin"
+    path.write_bytes(b"a" * 300_000)
+    added = adapter.add_file(path)
+    stat = adapter.stat(added["Hash"])
+    assert stat["Size"] == 300_000 and str(stat["CumulativeSize"]) == added["Size"]
+    assert b"".join(adapter.cat(added["Hash"])) == path.read_bytes()
+    with pytest.raises(IpfsError) as unknown:
+        adapter.stat(PAPER_HASH)
+    assert unknown.value.status == 404
+
+
+def test_repo_is_loopback_only_and_has_no_peers(kubo: Kubo) -> None:
+    config = kubo.rpc("config/show")
+    assert config["Bootstrap"] == [] and config["Routing"]["Type"] == "none"
+    assert config["AutoConf"]["Enabled"] is False and config["Discovery"]["MDNS"]["Enabled"] is False
+    assert config["Swarm"]["DisableNatPortMap"] is True
+    assert config["Swarm"]["RelayClient"]["Enabled"] is False and config["Swarm"]["RelayService"]["Enabled"] is False
+    for address in (config["Addresses"]["API"], config["Addresses"]["Gateway"], *config["Addresses"]["Swarm"]):
+        assert address.startswith("/ip4/127.0.0.1/"), address
+    assert kubo.swarm_peer_addresses() == []
+
+
+def test_kubo_script_status_and_stop(tmp_path: Path) -> None:
+    daemon = Kubo(tmp_path / "repo").start()
+    try:
+        assert "running" in daemon.script("status").stdout
+    finally:
+        daemon.stop()
+    status = daemon.script("status", check=False)
+    assert status.returncode != 0 and "not running" in status.stdout
