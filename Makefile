@@ -43,10 +43,10 @@ demo: venv kubo
 	scripts/demo.sh
 
 up: venv kubo
-	scripts/network.sh up
+	$(PY) scripts/cluster.py up --foreground
 
 down:
-	scripts/network.sh down
+	if [ -x $(PY) ]; then $(PY) scripts/cluster.py down; else scripts/kubo.sh stop --all; fi
 
 bench: venv kubo
 	$(PY) bench/run.py

@@ -314,11 +314,19 @@ def serve(config: Config) -> None:
                          f"set --api-key (EMR_API_KEY) or listen on 127.0.0.1")
     app = create_app(config)
     node: Node = app.extensions["emr_node"]
-    server = waitress.server.create_server(
-        app, host=config.host, port=config.port, threads=config.threads, ident="emr-chain",
-        max_request_body_size=config.max_upload_bytes + WAITRESS_BODY_SLACK_BYTES)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    node.network.start()
+    # Threads started while the stop signals are blocked inherit the block, so SIGTERM and
+    # SIGINT reach the main thread and interrupt its select() at once, not a second later.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        server = waitress.server.create_server(
+            app, host=config.host, port=config.port, threads=config.threads, ident="emr-chain",
+            max_request_body_size=config.max_upload_bytes + WAITRESS_BODY_SLACK_BYTES)
+        node.network.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+    for stop_signal in stop_signals:
+        signal.signal(stop_signal, lambda *_: sys.exit(0))
     log.info("%s node on %s (chain of %d, IPFS API %s, data %s)", config.role_name, config.own_url,
              len(node.blockchain), config.ipfs_api, config.data_path)
     try:

@@ -14,7 +14,7 @@ from blockchain import Blockchain, Transaction, is_cid
 from config import Config
 from ipfs_client import IpfsClient, IpfsError
 from network import Network
-from storage import PathRefused, confine_path, safe_file_name, written_atomically
+from storage import confine_path, safe_file_name, written_atomically
 
 ENCRYPTED_SUFFIX = ".aes"
 

@@ -144,7 +144,9 @@ cmd_init() {
 
 api_answers() { curl -fsS -X POST --max-time 2 "http://127.0.0.1:$1/api/v0/version" >/dev/null 2>&1; }
 
-pid_alive() { [ -f "$1/daemon.pid" ] && kill -0 "$(cat "$1/daemon.pid")" 2>/dev/null; }
+# Running, and not a zombie (a daemon orphaned by an earlier shell may wait a while to be reaped).
+process_runs() { local state; state=$(ps -o stat= -p "$1" 2>/dev/null) && [ -n "$state" ] && [ "${state#Z}" = "$state" ]; }
+pid_alive() { [ -f "$1/daemon.pid" ] && process_runs "$(cat "$1/daemon.pid")"; }
 
 cmd_start() {
   local name=${1:-main} ipfs repo
@@ -170,10 +172,10 @@ stop_repo() {
   local repo=$1 pid
   [ -f "$repo/daemon.pid" ] || return 0
   pid=$(cat "$repo/daemon.pid")
-  if kill -0 "$pid" 2>/dev/null; then
+  if process_runs "$pid"; then
     kill "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do process_runs "$pid" || break; sleep 0.1; done
+    process_runs "$pid" && kill -9 "$pid" 2>/dev/null
     say "stopped $(basename "$repo") (pid $pid)"
   fi
   rm -f "$repo/daemon.pid"

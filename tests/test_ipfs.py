@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PAPER_HASH, Kubo, paper_transaction
+from conftest import PAPER_HASH, paper_transaction
+from scripts.cluster import Kubo
 from ipfs_client import IpfsClient, IpfsError
 
 MIB = 1024 * 1024

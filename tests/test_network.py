@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import NodeProcess, dump, free_port, paper_transaction, wait_until
+from conftest import dump, paper_transaction, wait_until
+from scripts.cluster import NodeProcess, free_port
 
 
 def all_ids(chain: list[dict[str, Any]]) -> list[str]:
