@@ -19,11 +19,12 @@ from flask import Blueprint, Flask, Request, Response, current_app, g, jsonify, 
 from werkzeug.exceptions import HTTPException
 
 import crypto
+import openapi as openapi_spec
 from blockchain import InvalidTransaction
 from config import ALWAYS_SERVED, ROLE_ENDPOINTS, Config, load_config
 from ipfs_client import IpfsClient, IpfsError
 from network import NODE_HEADER, PeerRefused
-from node import BadInput, Conflict, Node, NotFound
+from node import BadInput, Conflict, Node, NotFound, StateDamaged
 from storage import PathRefused
 
 log = logging.getLogger("emr.app")
@@ -51,8 +52,14 @@ def current_node() -> Node:
 
 # -- request helpers -----------------------------------------------------------
 
-def json_body() -> dict[str, Any]:
-    """The request's JSON object, whatever its Content-Type, or BadInput saying what is wrong."""
+CRYPT_FIELDS = ("file_path", "password", "output_path", "overwrite")
+
+
+def json_body(*fields: str) -> dict[str, Any]:
+    """The request's JSON object, whatever its Content-Type, or BadInput saying what is wrong.
+
+    With `fields`, any other key is refused, so a misspelt optional field is not silently ignored.
+    """
     raw = request.get_data(cache=True)
     if not raw.strip():
         raise BadInput("the request body is empty; send a JSON object")
@@ -68,7 +75,15 @@ def json_body() -> dict[str, Any]:
         raise BadInput("the request body must be a JSON object, e.g. {\"name\": \"MRI.pdf.aes\"}")
     if _depth(body) > current_node().config.max_json_depth:
         raise BadInput(f"the JSON body is nested deeper than {current_node().config.max_json_depth} levels")
+    if fields:
+        refuse_unknown(body, fields)
     return body
+
+
+def refuse_unknown(received: Any, fields: tuple[str, ...]) -> None:
+    unknown = sorted(set(received) - set(fields))
+    if unknown:
+        raise BadInput(f"unknown field(s): {', '.join(map(repr, unknown))}; expected {', '.join(fields)}")
 
 
 def _depth(value: Any) -> int:
@@ -135,10 +150,10 @@ def is_valid() -> Any:
 
 @api.post("/connect_node")
 def connect_node() -> Any:
-    nodes = json_body().get("nodes")
+    nodes = json_body("nodes").get("nodes")
     if not isinstance(nodes, list) or not nodes:
         raise BadInput("'nodes' must be a non-empty list of node URLs, e.g. [\"http://127.0.0.1:5003\"]")
-    peers, ignored = current_node().network.connect(nodes, caller=sender())
+    peers, ignored = current_node().network.connect(nodes, announce=sender() is None)
     response = {"message": CONNECTED_MESSAGE, "total_nodes": peers}
     if ignored:
         response["ignored"] = ignored
@@ -159,36 +174,39 @@ def replace_chain() -> Any:
 def create_hash() -> Any:
     node = current_node()
     if request.mimetype == "multipart/form-data":
+        refuse_unknown(list(request.form) + list(request.files), (UPLOAD_FIELD,))
         upload = request.files.get(UPLOAD_FIELD)
         if upload is None or not upload.filename:
             raise BadInput(f"a multipart upload needs the file in the '{UPLOAD_FIELD}' field")
         result = node.create_hash_from_upload(upload.stream, upload.filename)
     else:
-        result = node.create_hash(text_field(json_body(), "file_path"))
+        result = node.create_hash(text_field(json_body("file_path"), "file_path"))
     return jsonify({"IPFS Hash": result})
 
 
 @api.post("/get_file_hash")
 def get_file_hash() -> Any:
-    return jsonify(current_node().file_info(text_field(json_body(), "name")))
+    return jsonify(current_node().file_info(text_field(json_body("name"), "name")))
 
 
 @api.post("/get_file")
 def get_file() -> Any:
-    path, size = current_node().get_file(text_field(json_body(), "ipfs_hash"))
+    path, size = current_node().get_file(text_field(json_body("ipfs_hash"), "ipfs_hash"))
     return jsonify(message=RETRIEVED_MESSAGE, path=path, size=size)
 
 
 @api.get("/get_file")
 def download_file() -> Any:
     name, size, chunks = current_node().stream_file(request.args.get("ipfs_hash", ""))
-    headers = {"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}", "Content-Length": str(size)}
+    fallback = name.encode("ascii", "replace").decode().replace("?", "_").replace('"', "_")
+    headers = {"Content-Disposition": f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name)}",
+               "Content-Length": str(size)}
     return Response(stream_with_context(chunks), mimetype="application/octet-stream", headers=headers)
 
 
 @api.post("/encrypt_file")
 def encrypt_file() -> Any:
-    body = json_body()
+    body = json_body(*CRYPT_FIELDS)
     path, size = current_node().encrypt_file(text_field(body, "file_path"), text_field(body, "password"),
                                              body.get("output_path"), flag_field(body, "overwrite"))
     return jsonify(message="The file is encrypted (AES-256, AES Crypt format)", file_path=path, size=size)
@@ -196,7 +214,7 @@ def encrypt_file() -> Any:
 
 @api.post("/decrypt_file")
 def decrypt_file() -> Any:
-    body = json_body()
+    body = json_body(*CRYPT_FIELDS)
     path, size = current_node().decrypt_file(text_field(body, "file_path"), text_field(body, "password"),
                                              body.get("output_path"), flag_field(body, "overwrite"))
     return jsonify(message="The file is decrypted", file_path=path, size=size)
@@ -216,7 +234,9 @@ def receive_transaction() -> Any:
 @api.post("/receive_block")
 def receive_block() -> Any:
     outcome = current_node().network.receive_block(json_body(), sender())
-    return jsonify(outcome=outcome), 400 if outcome == "invalid" else 200
+    if outcome == "invalid":
+        raise BadInput("the block does not pass this node's checks (shape, index, link, proof of work)")
+    return jsonify(outcome=outcome)
 
 
 @api.get("/health")
@@ -224,6 +244,16 @@ def health() -> Any:
     node = current_node()
     return jsonify(status="ok", port=node.config.port, role=node.config.role_name, length=len(node.blockchain),
                    pending=len(node.blockchain.pending), peers=node.network.peers, ipfs_api=node.config.ipfs_api)
+
+
+@api.get("/openapi.json")
+def openapi() -> Any:
+    return jsonify(openapi_spec.SPEC)
+
+
+@api.get("/docs")
+def docs() -> Any:
+    return Response(openapi_spec.docs_page(), mimetype="text/html")
 
 
 # -- access, limits and errors -------------------------------------------------
@@ -243,7 +273,8 @@ def check_access() -> Any:
 
 
 def _key_matches(key: str) -> bool:
-    given = request.headers.get("X-API-Key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    given = request.headers.get("X-API-Key") or (token if scheme.lower() == "bearer" else "")
     return hmac.compare_digest(given.strip().encode(), key.encode())
 
 
@@ -260,7 +291,10 @@ ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
 
 def handle_error(exc: Exception) -> tuple[Response, int]:
     if isinstance(exc, HTTPException):
-        return error(_http_message(exc), exc.code or 500)
+        response, status = error(_http_message(exc), exc.code or 500)
+        if status == 405 and getattr(exc, "valid_methods", None):
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        return response, status
     if isinstance(exc, IpfsError):
         return error(exc.message, exc.status)
     for kind, status in ERROR_STATUS:
@@ -291,7 +325,7 @@ def log_request(response: Response) -> Response:
 def create_app(config: Config | None = None, ipfs: IpfsClient | None = None) -> Flask:
     """An isolated node: its own chain, peers and data directory."""
     config = config or Config()
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)
     app.request_class = NodeRequest
     app.extensions["emr_node"] = Node(config, ipfs)
     app.register_blueprint(api)
@@ -342,7 +376,10 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(argv)
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [%(name)s :" + str(config.port) + "] %(message)s")
-    serve(config)
+    try:
+        serve(config)
+    except StateDamaged as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import re
 import threading
 import uuid
 from concurrent.futures import Executor, ProcessPoolExecutor
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import count
 from typing import Any, Iterable, NamedTuple
 
@@ -40,6 +40,7 @@ OPTIONAL_TRANSACTION_KEYS = ("id", "file_name", "file_size")
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 MAX_TEXT_LENGTH = 256
 MAX_TRANSACTIONS_PER_BLOCK = 10_000
+MAX_CLOCK_SKEW = timedelta(minutes=5)  # how far ahead of our clock a peer's block may be stamped
 # Nonces each mining process tries per task: large enough that process hand-off
 # costs little, small enough that the first hit is not overshot by much.
 NONCES_PER_TASK = 20_000
@@ -205,6 +206,7 @@ class Blockchain:
         self._tx_block: dict[str, int] = {}
         self._records: dict[str, list[tuple[int, Transaction]]] = {}
         self._newest_by_cid: dict[str, Transaction] = {}
+        self.version = 0  # grows with every change, so a saver can tell what it has already written
 
     # -- reading -------------------------------------------------------------
 
@@ -279,28 +281,15 @@ class Blockchain:
 
     def block_problem(self, block: Any, previous: Block) -> str | None:
         """Why `block` cannot follow `previous`, or None if it can."""
-        if not isinstance(block, dict) or set(block) != BLOCK_KEYS:
-            return "a block must have exactly index, timestamp, nonce, previous_hash and transactions"
-        if type(block["index"]) is not int or block["index"] != previous["index"] + 1:
-            return f"index {block['index']!r} does not follow {previous['index']}"
-        if type(block["nonce"]) is not int or block["nonce"] < 1:
-            return "the nonce is not a positive integer"
+        problem = block_shape_problem(block)
+        if problem:
+            return problem
+        if block["index"] != previous["index"] + 1:
+            return f"index {block['index']} does not follow {previous['index']}"
         if block["previous_hash"] != hash_block(previous):
             return "previous_hash does not match the hash of the block before"
-        if not isinstance(block["timestamp"], str) or not _timestamp_follows(block["timestamp"], previous["timestamp"]):
-            return "the timestamp is malformed or earlier than the block before"
-        transactions = block["transactions"]
-        if not isinstance(transactions, list) or len(transactions) > MAX_TRANSACTIONS_PER_BLOCK:
-            return "transactions is not a list of acceptable length"
-        for tx in transactions:
-            try:
-                clean = check_transaction(tx)
-            except InvalidTransaction as exc:
-                return f"a transaction is malformed: {exc}"
-            if clean != tx or "id" not in tx:
-                return "a transaction has a field of the wrong form or no id"
-        if len({tx["id"] for tx in transactions}) != len(transactions):
-            return "a transaction appears twice"
+        if not _timestamp_follows(block["timestamp"], previous["timestamp"]):
+            return "the timestamp is malformed, earlier than the block before, or in the future"
         if not self.proof_ok(block, previous):
             return "the nonce does not pass the proof of work"
         return None
@@ -322,6 +311,7 @@ class Blockchain:
             where = self.find_transaction(clean["id"])
             if where is None:
                 self._pending[clean["id"]] = clean
+                self.version += 1
             return Receipt(where or len(self._chain) + 1, clean, where is None)
 
     def mine_block(self) -> Block:
@@ -364,6 +354,7 @@ class Blockchain:
     def _append(self, block: Block) -> None:
         """Append a checked block; caller holds the lock."""
         self._chain.append(block)
+        self.version += 1
         self._index_block(block)
         for tx in block["transactions"]:
             self._pending.pop(tx["id"], None)
@@ -381,7 +372,7 @@ class Blockchain:
         Returns "appended", "known" (we have it), "invalid", or "behind" (it does not
         follow our last block: the caller should compare whole chains with that peer).
         """
-        if not isinstance(block, dict) or type(block.get("index")) is not int or block["index"] < GENESIS_INDEX:
+        if block_shape_problem(block):
             return "invalid"
         with self._lock:
             last = self._chain[-1]
@@ -432,6 +423,7 @@ class Blockchain:
     def _load(self, chain: list[Block]) -> None:
         """Make a checked chain ours, with its indexes; caller holds the lock."""
         self._chain = list(chain)
+        self.version += 1
         self._tx_block, self._records, self._newest_by_cid, self._pending = {}, {}, {}, {}
         for block in self._chain:
             self._index_block(block)
@@ -447,9 +439,36 @@ class Blockchain:
                 self.add_transaction(tx)
 
 
+def block_shape_problem(block: Any) -> str | None:
+    """What is wrong with a block on its own (fields, types, transactions), or None."""
+    if not isinstance(block, dict) or set(block) != BLOCK_KEYS:
+        return "a block must have exactly index, timestamp, nonce, previous_hash and transactions"
+    if type(block["index"]) is not int or block["index"] < GENESIS_INDEX:
+        return "the index is not a positive integer"
+    if type(block["nonce"]) is not int or block["nonce"] < 1:
+        return "the nonce is not a positive integer"
+    if not isinstance(block["previous_hash"], str) or not isinstance(block["timestamp"], str):
+        return "previous_hash and timestamp must be strings"
+    transactions = block["transactions"]
+    if not isinstance(transactions, list) or len(transactions) > MAX_TRANSACTIONS_PER_BLOCK:
+        return "transactions is not a list of acceptable length"
+    for tx in transactions:
+        try:
+            clean = check_transaction(tx)
+        except InvalidTransaction as exc:
+            return f"a transaction is malformed: {exc}"
+        if clean != tx or "id" not in tx:
+            return "a transaction has a field of the wrong form or no id"
+    if len({tx["id"] for tx in transactions}) != len(transactions):
+        return "a transaction appears twice"
+    return None
+
+
 def _timestamp_follows(timestamp: str, previous: str) -> bool:
+    """Well formed, not before the previous block's, and not in the future beyond clock skew."""
     try:
-        return datetime.strptime(timestamp, TIMESTAMP_FORMAT) >= datetime.strptime(previous, TIMESTAMP_FORMAT)
+        stamp = datetime.strptime(timestamp, TIMESTAMP_FORMAT)
+        return datetime.strptime(previous, TIMESTAMP_FORMAT) <= stamp <= datetime.now() + MAX_CLOCK_SKEW
     except ValueError:
         return False
 

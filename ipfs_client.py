@@ -52,6 +52,9 @@ class IpfsClient:
             return function(*args, **kwargs)
         except ipfs_errors.ConnectionError as exc:
             raise IpfsError(f"the IPFS daemon is not reachable at {self.api_url}; {START_HINT}", 503) from exc
+        except ipfs_errors.ProtocolError as exc:
+            raise IpfsError(f"the IPFS API at {self.api_url} broke off or answered something unexpected during "
+                            f"{what}; if the daemon stopped, {START_HINT}", 503) from exc
         except ipfs_errors.TimeoutError as exc:
             raise IpfsError(f"the IPFS daemon at {self.api_url} did not answer {what} in time", 504) from exc
         except ipfs_errors.ErrorResponse as exc:

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import requests
@@ -133,6 +133,8 @@ class Network:
         self._peers: dict[str, Outbox] = {}
         self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sync")
         self._stopped = threading.Event()
+        self.version = 0  # grows when the peer list changes
+        self.on_change: Callable[[], None] = lambda: None  # called after every change, before it is gossiped
 
     @staticmethod
     def _netlocs_of_self(config: Config) -> set[str]:
@@ -146,13 +148,19 @@ class Network:
         with self._lock:
             return list(self._peers)
 
+    @property
+    def peer_urls(self) -> list[str]:
+        with self._lock:
+            return [box.base_url for box in self._peers.values()]
+
     # -- peers ---------------------------------------------------------------
 
-    def connect(self, urls: list[Any], caller: str | None = None) -> tuple[list[str], list[str]]:
+    def connect(self, urls: list[Any], announce: bool = True) -> tuple[list[str], list[str]]:
         """Add peers; returns (all peers, ignored entries). Refuses the whole list if any URL is refused.
 
-        `caller` is the URL of a node announcing itself; a node told by a peer syncs with
-        it but does not announce back, so one connect_node links two nodes exactly once.
+        New peers are told about this node (announce) unless the request came from a node
+        announcing itself: one connect_node links two nodes exactly once. Either way we
+        sync with every new peer in the background.
         """
         checked = [peer_netloc(url, self.allowed) for url in urls]
         ignored, added = [], []
@@ -163,9 +171,12 @@ class Network:
                 elif netloc not in self._peers:
                     self._peers[netloc] = Outbox(self, netloc, base_url)
                     added.append(netloc)
+            self.version += bool(added)
+        if added:
+            self.on_change()
         for netloc in added:
             log.info("connected to peer %s", netloc)
-            if caller is None:
+            if announce:
                 self._peers[netloc].send("/connect_node", {"nodes": [self.own_url]})
             self._background.submit(self._quiet_sync, [netloc])
         return self.peers, ignored
@@ -190,17 +201,20 @@ class Network:
     def add_transaction(self, tx: Transaction, sender: str | None = None) -> Receipt:
         receipt = self.blockchain.add_transaction(tx)
         if receipt.new:
+            self.on_change()
             self._gossip("/receive_transaction", receipt.transaction, exclude=sender)
         return receipt
 
     def mine_block(self) -> Block:
         block = self.blockchain.mine_block()
+        self.on_change()
         self._gossip("/receive_block", block)
         return block
 
     def receive_block(self, block: Any, sender: str | None) -> str:
         outcome = self.blockchain.receive_block(block)
         if outcome == "appended":
+            self.on_change()
             self._gossip("/receive_block", block, exclude=sender)
         elif outcome == "behind" and sender:
             self._background.submit(self._quiet_sync, [sender])
@@ -245,6 +259,8 @@ class Network:
                 report[netloc] = chain
                 continue
             adopted, why = self.blockchain.replace_chain(chain)
+            if adopted:
+                self.on_change()
             replaced |= adopted
             report[netloc] = why
             if adopted or why.startswith("invalid"):

@@ -4,19 +4,29 @@ The Flask routes in app.py each call one method here; nothing here knows HTTP.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 import crypto
-from blockchain import Blockchain, Transaction, is_cid
+from blockchain import Blockchain, InvalidTransaction, Transaction, is_cid
 from config import Config
 from ipfs_client import IpfsClient, IpfsError
-from network import Network
-from storage import confine_path, safe_file_name, written_atomically
+from network import Network, PeerRefused
+from storage import confine_path, safe_file_name, write_json_atomically, written_atomically
+
+log = logging.getLogger("emr.node")
 
 ENCRYPTED_SUFFIX = ".aes"
+STATE_FILE = "state.json"
+
+
+class StateDamaged(Exception):
+    """The saved state cannot be loaded; the node must not start as if it were empty."""
 
 
 class BadInput(ValueError):
@@ -54,6 +64,44 @@ class Node:
         self.uploads = self.data_dir / ".uploads"
         for folder in (self.data_dir, self.downloads, self.uploads):
             folder.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.data_dir / STATE_FILE
+        self._save_lock = threading.Lock()
+        self._saved_version: tuple[int, int] | None = None
+        if config.persist:
+            self._restore()
+            self.network.on_change = self.save_state
+
+    # -- persistence ---------------------------------------------------------
+
+    def save_state(self) -> None:
+        """Write chain, pending transactions and peers; atomically, and before the change is acknowledged."""
+        with self._save_lock:
+            version = (self.blockchain.version, self.network.version)
+            if version == self._saved_version:
+                return  # a concurrent request's save already wrote this change
+            write_json_atomically(self.state_path, {"chain": self.blockchain.chain, "pending": self.blockchain.pending,
+                                                    "peers": self.network.peer_urls})
+            self._saved_version = version
+
+    def _restore(self) -> None:
+        if not self.state_path.exists():
+            return
+        try:
+            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+            self.blockchain.restore(state["chain"], state["pending"])
+            peers = state["peers"]
+            if not isinstance(peers, list):
+                raise ValueError("peers is not a list")
+        except (ValueError, KeyError, TypeError, InvalidTransaction, PeerRefused) as exc:
+            raise StateDamaged(
+                f"the saved state {self.state_path} cannot be used ({type(exc).__name__}: {exc}). It may be damaged, "
+                f"or from a network with other settings (genesis, difficulty, proof of work). Nothing was changed: "
+                f"move the file aside to start with an empty chain, or restore it from a backup.") from None
+        self._saved_version = (self.blockchain.version, self.network.version)
+        if peers:
+            self.network.connect(peers, announce=False)
+        log.info("restored a chain of %d blocks, %d pending transactions and %d peers from %s",
+                 len(self.blockchain), len(self.blockchain.pending), len(peers), self.state_path)
 
     def close(self) -> None:
         self.network.stop()

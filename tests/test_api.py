@@ -144,6 +144,7 @@ def test_unknown_route_is_a_json_404(client) -> None:
 def test_wrong_method_is_a_json_405_saying_which_to_use(client) -> None:
     response = client.get("/add_transaction")
     assert response.status_code == 405 and "POST" in response.get_json()["error"]
+    assert "POST" in response.headers["Allow"]
     response = client.post("/mine_block")
     assert response.status_code == 405 and "GET" in response.get_json()["error"]
 

@@ -61,6 +61,8 @@ def test_name_with_spaces_and_non_ascii_letters_round_trips(ipfs_client) -> None
     assert uploaded["Name"] == name
     body = ipfs_client.post("/get_file", json={"ipfs_hash": uploaded["Hash"]}).get_json()
     assert body["path"] == f"downloads/{name}"
+    disposition = ipfs_client.get(f"/get_file?ipfs_hash={uploaded['Hash']}").headers["Content-Disposition"]
+    assert 'filename="Rapport IRM Zo_ _and_ _.pdf.aes"' in disposition and "filename*=UTF-8''Rapport%20IRM" in disposition
     assert (ipfs_client.node.data_dir / body["path"]).read_bytes() == data
     assert ipfs_client.post("/get_file_hash", json={"name": name}).get_json()["File info"]["Name"] == name
 

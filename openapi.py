@@ -1,0 +1,230 @@
+"""The node's API as an OpenAPI 3 document (served at /openapi.json) and a plain HTML page of it (/docs).
+
+The document is what the property-based API fuzzer (tests/test_fuzz.py) checks every response against,
+so it lists every status an endpoint can answer with.
+"""
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+from blockchain import CID_V0, MAX_TEXT_LENGTH
+
+VERSION = "1.0.0"
+TEXT_PATTERN = r"^[^\x00-\x1f]*[^\x00-\x1f\s][^\x00-\x1f]*$"  # printable, not only spaces
+FILE_NAME_PATTERN = r"^[^\x00-\x1f/\\]*[^\x00-\x1f\s/\\][^\x00-\x1f/\\]*$"
+CID_PATTERN = f"({CID_V0.pattern})|(^b[a-z2-7]{{58,}}$)"
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _text(description: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_LENGTH, "pattern": TEXT_PATTERN,
+            "description": description, **extra}
+
+
+def _object(properties: dict[str, Any], required: list[str], *, closed: bool = True) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties, "required": required}
+    if closed:
+        schema["additionalProperties"] = False
+    return schema
+
+
+SCHEMAS: dict[str, Any] = {
+    "Error": _object({"error": {"type": "string"}}, ["error"]),
+    "Transaction": _object({
+        "user_id": _text("who the record belongs to"),
+        "ipfs_hash": _text("the record's IPFS CID", pattern=CID_PATTERN),
+        "EHR_name": _text("the record's name, e.g. MRI"),
+        "id": {"type": "string", "pattern": "^[0-9a-f]{32}$", "description": "given by the node"},
+        "file_name": _text("the file's name on IPFS, e.g. MRI.pdf.aes", pattern=FILE_NAME_PATTERN),
+        "file_size": {"type": "string", "pattern": "^[0-9]{1,19}$", "description": "Kubo's size figure"},
+    }, ["user_id", "ipfs_hash", "EHR_name"]),
+    "NewTransaction": _object({
+        "user_id": _text("who the record belongs to", example="xxxxx"),
+        "ipfs_hash": _text("the record's IPFS CID", pattern=CID_PATTERN,
+                           example="QmbWxSqxhZms74885xceSaiHVvdjqiVWrATtYUrrUnVE1K"),
+        "EHR_name": _text("the record's name", example="MRI"),
+        "file_name": _text("the file's name, as create_hash reported it", example="MRI.pdf.aes",
+                           pattern=FILE_NAME_PATTERN),
+        "file_size": {"oneOf": [{"type": "string", "pattern": "^[0-9]{1,19}$"},
+                                {"type": "integer", "minimum": 0, "maximum": 2**62}],
+                      "description": "Kubo's size figure, as create_hash reported it"},
+        "id": {"type": "string", "pattern": "^[0-9a-f]{32}$",
+               "description": "optional; a retry with the same id is recognised, not added twice"},
+    }, ["user_id", "ipfs_hash", "EHR_name"]),
+    "Block": _object({
+        "index": {"type": "integer", "minimum": 1},
+        "timestamp": {"type": "string", "example": "2020-09-02 23:33:07.304063"},
+        "nonce": {"type": "integer", "minimum": 1},
+        "previous_hash": {"type": "string"},
+        "transactions": {"type": "array", "items": _ref("Transaction")},
+    }, ["index", "timestamp", "nonce", "previous_hash", "transactions"]),
+    "FileInfo": _object({"Hash": {"type": "string"}, "Name": {"type": "string"},
+                         "Size": {"type": ["string", "null"]}}, ["Hash", "Name", "Size"]),
+}
+SCHEMAS["FileVersion"] = _object({**SCHEMAS["FileInfo"]["properties"], "block_index": {"type": "integer"},
+                                  "EHR_name": {"type": "string"}, "user_id": {"type": "string"}},
+                                 ["Hash", "Name", "Size", "block_index", "EHR_name", "user_id"])
+SCHEMAS["MinedBlock"] = _object({**SCHEMAS["Block"]["properties"], "message": {"type": "string"}},
+                                SCHEMAS["Block"]["required"] + ["message"])
+
+ERRORS = {
+    400: "bad input: the message names the field",
+    401: "an API key is needed (only when the node has one)",
+    403: "this node's role does not serve the endpoint",
+    404: "nothing found",
+    409: "the output exists; send overwrite: true",
+    413: "the body is larger than the node accepts",
+    502: "IPFS answered with an error",
+    503: "the IPFS daemon is not reachable",
+    504: "the IPFS daemon did not answer in time",
+}
+
+
+def _responses(ok: dict[int, Any], *errors: int) -> dict[str, Any]:
+    responses: dict[str, Any] = {}
+    for status, schema in ok.items():
+        responses[str(status)] = {"description": "success", "content": {JSON: {"schema": schema}}}
+    for status in (400, 401, 403, 413, *errors):
+        responses[str(status)] = {"description": ERRORS[status], "content": {JSON: {"schema": _ref("Error")}}}
+    return responses
+
+
+def _json_body(schema: dict[str, Any], example: dict[str, Any] | None = None) -> dict[str, Any]:
+    content: dict[str, Any] = {"schema": schema}
+    if example:
+        content["example"] = example
+    return {"required": True, "content": {JSON: content}}
+
+
+def _operation(summary: str, ok: dict[int, Any], *errors: int, body: dict[str, Any] | None = None,
+               parameters: list[dict[str, Any]] | None = None, tag: str = "records") -> dict[str, Any]:
+    operation: dict[str, Any] = {"summary": summary, "tags": [tag], "responses": _responses(ok, *errors)}
+    if body:
+        operation["requestBody"] = body
+    if parameters:
+        operation["parameters"] = parameters
+    return operation
+
+
+_message = {"type": "string"}
+_path_fields = {"file_path": _text("a path inside the node's data directory", maxLength=1024),
+                "password": {"type": "string", "minLength": 1, "maxLength": 1024, "format": "password"},
+                "output_path": _text("where to write, inside the data directory (optional)", maxLength=1024),
+                "overwrite": {"type": "boolean", "default": False}}
+_crypt_result = _object({"message": _message, "file_path": {"type": "string"}, "size": {"type": "integer"}},
+                        ["message", "file_path", "size"])
+_ipfs_errors = (404, 502, 503, 504)
+
+PATHS: dict[str, Any] = {
+    "/get_chain": {"get": _operation("The whole chain (Fig. 4d)", {200: _object(
+        {"chain": {"type": "array", "items": _ref("Block"), "minItems": 1}, "length": {"type": "integer"}},
+        ["chain", "length"])}, tag="chain")},
+    "/mine_block": {"get": _operation("Mine the pending transactions into a block", {200: _ref("MinedBlock")},
+                                      tag="chain")},
+    "/add_transaction": {"post": _operation(
+        "Record an IPFS hash on the chain (Fig. 4c)",
+        {201: _object({"message": _message, "index": {"type": "integer"}, "id": {"type": "string"}},
+                      ["message", "index", "id"]),
+         200: _object({"message": _message, "index": {"type": "integer"}, "id": {"type": "string"}},
+                      ["message", "index", "id"])},
+        body=_json_body(_ref("NewTransaction"), {"user_id": "xxxxx", "EHR_name": "MRI",
+                                                 "ipfs_hash": "QmbWxSqxhZms74885xceSaiHVvdjqiVWrATtYUrrUnVE1K"}),
+        tag="chain")},
+    "/is_valid": {"get": _operation("Whether this node's chain is valid", {200: _object(
+        {"message": _message, "valid": {"type": "boolean"}}, ["message", "valid"])}, tag="chain")},
+    "/connect_node": {"post": _operation(
+        "Connect peers; each new peer learns about this node too (Fig. 4a)",
+        {201: _object({"message": _message, "total_nodes": {"type": "array", "items": {"type": "string"}},
+                       "ignored": {"type": "array", "items": {"type": "string"}}}, ["message", "total_nodes"])},
+        body=_json_body(_object({"nodes": {"type": "array", "minItems": 1, "maxItems": 64,
+                                           "items": {"type": "string", "format": "uri"}}}, ["nodes"]),
+                        {"nodes": ["http://127.0.0.1:5003", "http://127.0.0.1:5004"]}),
+        tag="network")},
+    "/replace_chain": {"get": _operation(
+        "Adopt the longest valid chain among the peers", {200: _object(
+            {"message": _message, "replaced": {"type": "boolean"}, "length": {"type": "integer"},
+             "chain": {"type": "array", "items": _ref("Block")},
+             "peers": {"type": "object", "additionalProperties": {"type": "string"}}},
+            ["message", "replaced", "chain", "length", "peers"])}, tag="network")},
+    "/create_hash": {"post": _operation(
+        "Add a file to IPFS (Fig. 4b): a path in the data directory, or a multipart upload",
+        {200: _object({"IPFS Hash": _ref("FileInfo")}, ["IPFS Hash"])}, *_ipfs_errors,
+        body={"required": True, "content": {
+            JSON: {"schema": _object({"file_path": _path_fields["file_path"]}, ["file_path"]),
+                   "example": {"file_path": "MRI.pdf.aes"}},
+            "multipart/form-data": {"schema": _object({"file": {"type": "string", "format": "binary"}},
+                                                      ["file"])}}})},
+    "/get_file_hash": {"post": _operation(
+        "Find a record by file name or EHR_name (Fig. 4e): the newest, and every version",
+        {200: _object({"File info": _ref("FileInfo"), "versions": {"type": "array", "items": _ref("FileVersion")}},
+                      ["File info", "versions"])}, 404,
+        body=_json_body(_object({"name": _text("file name or EHR_name")}, ["name"]), {"name": "MRI.pdf.aes"}))},
+    "/get_file": {
+        "post": _operation(
+            "Fetch a file from IPFS into the node's downloads folder (Fig. 4f)",
+            {200: _object({"message": _message, "path": {"type": "string"}, "size": {"type": "integer"}},
+                          ["message", "path", "size"])}, *_ipfs_errors,
+            body=_json_body(_object({"ipfs_hash": _text("the file's CID")}, ["ipfs_hash"]),
+                            {"ipfs_hash": "QmbWxSqxhZms74885xceSaiHVvdjqiVWrATtYUrrUnVE1K"})),
+        "get": {**_operation("Download a file from IPFS as an attachment", {}, *_ipfs_errors,
+                             parameters=[{"name": "ipfs_hash", "in": "query", "required": True,
+                                          "schema": _text("the file's CID")}]),
+                "x-streamed": True},
+    },
+    "/encrypt_file": {"post": _operation(
+        "Encrypt a file with AES-256 (AES Crypt format): FILE -> FILE.aes", {200: _crypt_result}, 404, 409,
+        body=_json_body(_object(_path_fields, ["file_path", "password"]),
+                        {"file_path": "MRI.pdf", "password": "shared secret"}), tag="encryption")},
+    "/decrypt_file": {"post": _operation(
+        "Decrypt an AES Crypt file: FILE.aes -> FILE", {200: _crypt_result}, 404, 409,
+        body=_json_body(_object(_path_fields, ["file_path", "password"]),
+                        {"file_path": "downloads/MRI.pdf.aes", "password": "shared secret"}), tag="encryption")},
+    "/health": {"get": _operation("Port, role, chain length, pending count, peers", {200: _object(
+        {"status": _message, "port": {"type": "integer"}, "role": _message, "length": {"type": "integer"},
+         "pending": {"type": "integer"}, "peers": {"type": "array", "items": {"type": "string"}},
+         "ipfs_api": _message}, ["status", "port", "role", "length", "pending", "peers"])}, tag="operations")},
+    "/receive_transaction": {"post": _operation(
+        "Node to node: a transaction gossiped by a peer",
+        {201: _object({"index": {"type": "integer"}, "new": {"type": "boolean"}}, ["index", "new"]),
+         200: _object({"index": {"type": "integer"}, "new": {"type": "boolean"}}, ["index", "new"])},
+        body=_json_body(SCHEMAS["Transaction"] | {"required": ["user_id", "ipfs_hash", "EHR_name", "id"]}),
+        tag="network")},
+    "/receive_block": {"post": _operation(
+        "Node to node: a block a peer mined", {200: _object({"outcome": _message}, ["outcome"])},
+        body=_json_body(_ref("Block")), tag="network")},
+}
+
+SPEC: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "emr-chain node", "version": VERSION,
+             "description": "Encrypted medical records on IPFS, their hashes on a proof-of-work chain. "
+                            "Request and response shapes follow Fig. 4 of the paper."},
+    "paths": PATHS,
+    "components": {"schemas": SCHEMAS, "securitySchemes": {
+        "bearer": {"type": "http", "scheme": "bearer"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}},
+    "security": [{}, {"bearer": []}, {"apiKey": []}],
+}
+
+
+def docs_page() -> str:
+    """The API as one self-contained HTML page (no scripts, nothing fetched from elsewhere)."""
+    rows = []
+    for path, methods in PATHS.items():
+        for method, operation in methods.items():
+            body = operation.get("requestBody", {}).get("content", {}).get(JSON, {})
+            example = json.dumps(body.get("example"), indent=2) if body.get("example") else ""
+            statuses = ", ".join(operation["responses"])
+            rows.append(f"<h2><code>{method.upper()} {html.escape(path)}</code></h2><p>{html.escape(operation['summary'])}"
+                        f"</p><p>Answers: {statuses}</p>" + (f"<pre>{html.escape(example)}</pre>" if example else ""))
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>emr-chain API</title>"
+            "<style>body{font-family:sans-serif;max-width:60em;margin:auto}pre{background:#f4f4f4;padding:.5em}"
+            "</style></head><body><h1>emr-chain node API</h1><p>Machine-readable: <a href='/openapi.json'>"
+            "/openapi.json</a> (OpenAPI 3.1). Errors are <code>{\"error\": \"...\"}</code>.</p>"
+            + "".join(rows) + "</body></html>")
