@@ -35,7 +35,7 @@ CONNECTED_MESSAGE = "All the nodes are now connected. The Blockchain now contain
 RETRIEVED_MESSAGE = "The File has Retrieved at Your Local Directory"
 UPLOAD_ENDPOINT = "create_hash"
 UPLOAD_FIELD = "file"
-WAITRESS_BODY_SLACK_BYTES = 1024 * 1024
+TOO_LARGE = "the request body is larger than this node accepts"
 
 
 class NodeRequest(Request):
@@ -311,7 +311,7 @@ def _http_message(exc: HTTPException) -> str:
         allowed = ", ".join(sorted(m for m in (exc.valid_methods or []) if m not in ("HEAD", "OPTIONS")))
         return f"{request.method} is not allowed on {request.path}; use {allowed}"
     if exc.code == 413:
-        return f"the request body is larger than this node accepts ({request.max_content_length} bytes)"
+        return f"{TOO_LARGE} ({request.max_content_length} bytes)"
     return exc.description or exc.name
 
 
@@ -339,6 +339,19 @@ def create_app(config: Config | None = None, ipfs: IpfsClient | None = None) -> 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+def _waitress_errors_as_json() -> None:
+    """waitress answers a few requests itself, before the app sees them (a body over its size limit, a
+    malformed request line), in plain text; make those {"error": ...} too, like every other answer."""
+    import waitress.utilities
+
+    def to_response(self: waitress.utilities.Error, ident: str | None = None) -> tuple[str, list, bytes]:
+        lead = TOO_LARGE if self.code == 413 else self.reason.lower()
+        body = json.dumps({"error": f"{lead} ({self.body})"}).encode()
+        return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
+
+    waitress.utilities.Error.to_response = to_response
+
+
 def serve(config: Config) -> None:
     """Serve one node with waitress until SIGINT or SIGTERM."""
     import waitress.server
@@ -348,6 +361,7 @@ def serve(config: Config) -> None:
                          f"set --api-key (EMR_API_KEY) or listen on 127.0.0.1")
     app = create_app(config)
     node: Node = app.extensions["emr_node"]
+    _waitress_errors_as_json()
     # Threads started while the stop signals are blocked inherit the block, so SIGTERM and
     # SIGINT reach the main thread and interrupt its select() at once, not a second later.
     stop_signals = {signal.SIGTERM, signal.SIGINT}
@@ -355,7 +369,7 @@ def serve(config: Config) -> None:
     try:
         server = waitress.server.create_server(
             app, host=config.host, port=config.port, threads=config.threads, ident="emr-chain",
-            max_request_body_size=config.max_upload_bytes + WAITRESS_BODY_SLACK_BYTES)
+            max_request_body_size=config.max_upload_bytes)
         node.network.start()
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)

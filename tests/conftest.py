@@ -1,7 +1,9 @@
 """Shared fixtures: in-process nodes, real node processes, and real Kubo daemons on free loopback ports."""
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -29,6 +31,23 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: fl
 
 def paper_transaction(**overrides: Any) -> dict[str, Any]:
     return {"user_id": "xxxxx", "ipfs_hash": PAPER_HASH, "EHR_name": "MRI", **overrides}
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fail any test whose in-process code tries to connect beyond the loopback range (the machine's hard rule)."""
+    real_connect = socket.socket.connect
+    attempts: list[Any] = []
+
+    def connect(sock: socket.socket, address: Any) -> Any:
+        if isinstance(address, tuple) and not ipaddress.ip_address(address[0].split("%")[0]).is_loopback:
+            attempts.append(address)
+            raise ConnectionRefusedError(f"test guard: {address[0]} is not a loopback address")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    yield
+    assert not attempts, f"tried to connect beyond loopback: {attempts}"
 
 
 # -- Kubo ----------------------------------------------------------------------

@@ -1,0 +1,127 @@
+"""Hostile input: path escapes in every path field, oversized and odd bodies, uploads beyond the cap."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import paper_transaction
+
+MIB = 1024 * 1024
+ESCAPES = {
+    "dot-dot": "../outside.txt",
+    "nested-dot-dot": "downloads/../../outside.txt",
+    "absolute": "/etc/passwd",
+    "symlink-out": "link-out",
+    "nul-byte": "MRI.pdf\x00.aes",
+    "long-name": "a" * 300 + ".pdf",
+    "long-path": "d/" * 600 + "x",
+}
+PATH_FIELDS = [
+    ("/create_hash", {}, "file_path"),
+    ("/encrypt_file", {"password": "p"}, "file_path"),
+    ("/decrypt_file", {"password": "p"}, "file_path"),
+    ("/encrypt_file", {"file_path": "MRI.pdf", "password": "p"}, "output_path"),
+    ("/decrypt_file", {"file_path": "MRI.pdf.aes", "password": "p"}, "output_path"),
+]
+
+
+@pytest.fixture
+def victim(client, tmp_path: Path):
+    """A node with a record inside its data directory and a secret and a symlink pointing outside it."""
+    (tmp_path / "outside.txt").write_text("not for the node")
+    (client.node.data_dir / "link-out").symlink_to(tmp_path / "outside.txt")
+    (client.node.data_dir / "MRI.pdf").write_bytes(os.urandom(1000))
+    client.post("/encrypt_file", json={"file_path": "MRI.pdf", "password": "p"})
+    return client
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+
+
+@pytest.mark.parametrize("escape", ESCAPES.values(), ids=ESCAPES.keys())
+@pytest.mark.parametrize("path, body, field", PATH_FIELDS, ids=[f"{p}:{f}" for p, _, f in PATH_FIELDS])
+def test_path_escape_is_refused_in_every_path_field(victim, tmp_path: Path, path, body, field, escape) -> None:
+    before, outside = listing(victim.node.data_dir), listing(tmp_path)
+    response = victim.post(path, json={**body, field: escape})
+    assert response.status_code == 400, response.get_json()
+    assert field in response.get_json()["error"]
+    assert listing(victim.node.data_dir) == before and listing(tmp_path) == outside
+    assert (tmp_path / "outside.txt").read_text() == "not for the node"
+
+
+def test_recorded_file_name_cannot_steer_a_download_out_of_the_downloads_folder(ipfs_client) -> None:
+    (ipfs_client.node.data_dir / "scan.bin").write_bytes(b"scan")
+    uploaded = ipfs_client.post("/create_hash", json={"file_path": "scan.bin"}).get_json()["IPFS Hash"]
+    refused = ipfs_client.post("/add_transaction", json=paper_transaction(ipfs_hash=uploaded["Hash"],
+                                                                          file_name="../../escape.bin"))
+    assert refused.status_code == 400 and "file_name" in refused.get_json()["error"]
+    ipfs_client.post("/add_transaction", json=paper_transaction(ipfs_hash=uploaded["Hash"], file_name=".hidden"))
+    ipfs_client.get("/mine_block")
+    fetched = ipfs_client.post("/get_file", json={"ipfs_hash": uploaded["Hash"]}).get_json()
+    assert fetched["path"] == "downloads/hidden"
+
+
+@pytest.mark.parametrize("body, named", [
+    (b'{"user_id": "' + b"x" * (2 * MIB) + b'"}', None),
+    (b'{"a": ' * 40 + b"1" + b"}" * 40, "nested"),
+    (b'{"user_id": 1' + b"0" * 5000 + b"}", "JSON"),
+    (b"\xc3\x28\xa0\xa1", "UTF-8"),
+    (b'{"user_id": "x", "user_id": "y", "ipfs_hash": "Qm", "EHR_name": "M"}', "ipfs_hash"),
+], ids=["huge", "deep", "huge-number", "not-utf8", "duplicate-keys"])
+def test_odd_bodies_are_refused_with_a_4xx_json_error(client, body, named) -> None:
+    response = client.post("/add_transaction", data=body, content_type="application/json")
+    assert 400 <= response.status_code < 500
+    if named:
+        assert named in response.get_json()["error"]
+    else:
+        assert response.status_code == 413 and "larger" in response.get_json()["error"]
+    assert client.node.blockchain.pending == []
+
+
+def test_connect_node_refuses_hosts_the_operator_did_not_allow(client) -> None:
+    for url in ("http://192.168.1.10:5003", "http://example.org:5003", "file:///etc/passwd",
+                "http://[::ffff:10.0.0.1]:5003", "http://127.0.0.1:5003@evil:80", "gopher://127.0.0.1:70"):
+        response = client.post("/connect_node", json={"nodes": [url]})
+        assert response.status_code == 400, url
+    assert client.node.network.peers == []
+
+
+def test_allowed_networks_are_a_setting(make_client) -> None:
+    # Both addresses are loopback: tests never let a node reach beyond 127.0.0.0/8.
+    node = make_client(peer_allow="127.0.0.2/32")
+    assert node.post("/connect_node", json={"nodes": ["http://127.0.0.2:9"]}).status_code == 201
+    assert node.post("/connect_node", json={"nodes": ["http://127.0.0.1:5003"]}).status_code == 400
+
+
+@pytest.fixture
+def capped_node(spawn_node, kubo, tmp_path: Path):
+    return spawn_node(max_upload_bytes=MIB, ipfs_api=kubo.api_url, data_dir=tmp_path / "capped")
+
+
+def test_upload_beyond_the_cap_is_refused_without_filling_the_disk(capped_node, tmp_path: Path) -> None:
+    response = requests.post(capped_node.url + "/create_hash", files={"file": ("big.bin", b"x" * (5 * MIB))},
+                             timeout=30)
+    assert response.status_code == 413 and "larger" in response.json()["error"]
+    assert listing(tmp_path / "capped" / ".uploads") == []
+    small = requests.post(capped_node.url + "/create_hash", files={"file": ("small.bin", b"x" * 1000)}, timeout=30)
+    assert small.status_code == 200
+
+
+def test_chunked_upload_without_a_length_is_cut_off_at_the_cap(capped_node, tmp_path: Path) -> None:
+    boundary = "emrboundary"
+
+    def body():
+        yield f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n\r\n".encode()
+        for _ in range(40):
+            yield b"x" * 256 * 1024
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = requests.post(capped_node.url + "/create_hash", data=body(), timeout=30,
+                             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 413
+    assert listing(tmp_path / "capped" / ".uploads") == []
+    assert capped_node.get("/health").status_code == 200
