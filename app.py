@@ -204,20 +204,22 @@ def download_file() -> Any:
     return Response(stream_with_context(chunks), mimetype="application/octet-stream", headers=headers)
 
 
+def crypt_request(operation: Any, message: str) -> Any:
+    """encrypt_file and decrypt_file take the same fields and answer alike."""
+    body = json_body(*CRYPT_FIELDS)
+    path, size = operation(text_field(body, "file_path"), text_field(body, "password"), body.get("output_path"),
+                           flag_field(body, "overwrite"))
+    return jsonify(message=message, file_path=path, size=size)
+
+
 @api.post("/encrypt_file")
 def encrypt_file() -> Any:
-    body = json_body(*CRYPT_FIELDS)
-    path, size = current_node().encrypt_file(text_field(body, "file_path"), text_field(body, "password"),
-                                             body.get("output_path"), flag_field(body, "overwrite"))
-    return jsonify(message="The file is encrypted (AES-256, AES Crypt format)", file_path=path, size=size)
+    return crypt_request(current_node().encrypt_file, "The file is encrypted (AES-256, AES Crypt format)")
 
 
 @api.post("/decrypt_file")
 def decrypt_file() -> Any:
-    body = json_body(*CRYPT_FIELDS)
-    path, size = current_node().decrypt_file(text_field(body, "file_path"), text_field(body, "password"),
-                                             body.get("output_path"), flag_field(body, "overwrite"))
-    return jsonify(message="The file is decrypted", file_path=path, size=size)
+    return crypt_request(current_node().decrypt_file, "The file is decrypted")
 
 
 # -- node to node and operations -----------------------------------------------
