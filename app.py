@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 from urllib.parse import quote
@@ -377,6 +378,7 @@ def serve(config: Config) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
     for stop_signal in stop_signals:
         signal.signal(stop_signal, lambda *_: sys.exit(0))
+    threading.Thread(target=node.blockchain.start_mining_workers, name="mining-warm-up", daemon=True).start()
     log.info("%s node on %s (chain of %d, IPFS API %s, data %s)", config.role_name, config.own_url,
              len(node.blockchain), config.ipfs_api, config.data_path)
     try:

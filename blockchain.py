@@ -26,6 +26,7 @@ import uuid
 from concurrent.futures import Executor, ProcessPoolExecutor
 from datetime import datetime, timedelta
 from itertools import count
+from multiprocessing import get_context
 from typing import Any, Iterable, NamedTuple
 
 Block = dict[str, Any]
@@ -340,11 +341,18 @@ class Blockchain:
     def _get_executor(self) -> ProcessPoolExecutor | None:
         if self.mining_workers <= 1:
             return None
-        if self._executor is None:
-            # spawn, not fork: the node is multi-threaded, and a forked child could inherit held locks
-            import multiprocessing
-            self._executor = ProcessPoolExecutor(self.mining_workers, mp_context=multiprocessing.get_context("spawn"))
-        return self._executor
+        with self._lock:
+            if self._executor is None:
+                # spawn, not fork: the node is multi-threaded, and a forked child could inherit held locks
+                self._executor = ProcessPoolExecutor(self.mining_workers, mp_context=get_context("spawn"))
+            return self._executor
+
+    def start_mining_workers(self) -> None:
+        """Start the mining processes now, so the first mine_block does not wait for them to spawn."""
+        executor = self._get_executor()
+        if executor is not None:
+            for future in [executor.submit(search_nonces, 1, 2, 1, 1, None) for _ in range(self.mining_workers)]:
+                future.result()
 
     def close(self) -> None:
         if self._executor is not None:

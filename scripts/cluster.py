@@ -3,6 +3,7 @@
 
     python scripts/cluster.py up [--per-node-kubo] [--foreground] [--clean]
     python scripts/cluster.py down
+    python scripts/cluster.py peers   (each Kubo daemon's swarm peers; fails if one is off loopback)
 
 By default one Kubo daemon (API 5001) serves every node, as in the paper. With
 --per-node-kubo every node gets its own daemon, all joined over loopback as a
@@ -123,7 +124,14 @@ def private_network(repos: list[Path], ports: list[tuple[int, int, int]], key: P
     for daemon in daemons:
         daemon.peers = [f"{peer_id}@{other.swarm_port}" for peer_id, other in zip(identities, daemons)
                         if other is not daemon]
-    return [daemon.start() for daemon in daemons]
+    for daemon in daemons:
+        daemon.start()
+    # Peering reconnects with a back-off, and the first daemon started before the others listened:
+    # connect every pair now instead of waiting for the next retry.
+    for number, daemon in enumerate(daemons):
+        for peer_id, other in list(zip(identities, daemons))[number + 1:]:
+            daemon.rpc("swarm/connect", arg=f"/ip4/127.0.0.1/tcp/{other.swarm_port}/p2p/{peer_id}")
+    return daemons
 
 
 @dataclass
@@ -305,6 +313,18 @@ def _terminate(pids: list[int]) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def check_swarm_peers() -> bool:
+    """Print every running daemon's swarm peers; False if any is beyond 127.0.0.1."""
+    state = json.loads(CLUSTER_FILE.read_text()) if CLUSTER_FILE.exists() else {"nodes": []}
+    loopback_only = True
+    for api in sorted({node["ipfs_api"] for node in state["nodes"]}):
+        peers = requests.post(f"{api}/api/v0/swarm/peers", timeout=10).json().get("Peers") or []
+        addresses = [peer["Addr"] for peer in peers]
+        loopback_only &= all(address.startswith("/ip4/127.0.0.1/") for address in addresses)
+        print(f"Kubo {api} swarm peers: {', '.join(addresses) or 'none'}")
+    return loopback_only
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -315,10 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--clean", action="store_true", help="start from empty node data directories")
     start.add_argument("--data-root", type=Path, default=ROOT / "data", help="folder holding node-PORT data dirs")
     sub.add_parser("down", help="stop everything `up` started")
+    sub.add_parser("peers", help="list each Kubo daemon's swarm peers; fail if any is beyond 127.0.0.1")
     args = parser.parse_args(argv)
     if args.command == "down":
         down()
         return 0
+    if args.command == "peers":
+        return 0 if check_swarm_peers() else 1
     try:
         state = up(args.per_node_kubo, args.clean, args.data_root)
     except BaseException:

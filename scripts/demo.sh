@@ -13,3 +13,5 @@ args=(up --clean --data-root "$DATA")
 trap '"$PY" scripts/cluster.py down' EXIT
 "$PY" scripts/cluster.py "${args[@]}"
 PATIENT_DATA=$DATA/node-5002 PROVIDER_DATA=$DATA/node-5004 scripts/walkthrough.sh
+echo
+"$PY" scripts/cluster.py peers   # IPFS never left the loopback range
