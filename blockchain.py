@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import threading
+import time
 import uuid
 from concurrent.futures import Executor, ProcessPoolExecutor
 from datetime import datetime, timedelta
@@ -45,11 +47,14 @@ MAX_CLOCK_SKEW = timedelta(minutes=5)  # how far ahead of our clock a peer's blo
 # Nonces each mining process tries per task: large enough that process hand-off
 # costs little, small enough that the first hit is not overshot by much.
 NONCES_PER_TASK = 20_000
+PARENT_CHECK_SECONDS = 1.0
 
 CID_V0 = re.compile(r"^Qm[1-9A-HJ-NP-Za-km-z]{44}$")
 CID_V1_BASE32 = re.compile(r"^b[a-z2-7]{58,}$")
 TRANSACTION_ID = re.compile(r"^[0-9a-f]{32}$")
 FILE_SIZE = re.compile(r"^[0-9]{1,19}$")
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f]")
+TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{6}$")  # str(datetime.now()), as the paper's
 
 
 class Receipt(NamedTuple):
@@ -164,7 +169,7 @@ def check_transaction(tx: Any) -> Transaction:
             raise InvalidTransaction(f"'{key}' must not be empty")
         if len(value) > MAX_TEXT_LENGTH:
             raise InvalidTransaction(f"'{key}' is longer than {MAX_TEXT_LENGTH} characters")
-        if any(ord(ch) < 32 for ch in value):
+        if CONTROL_CHARACTER.search(value):
             raise InvalidTransaction(f"'{key}' contains control characters")
     if not is_cid(tx["ipfs_hash"]):
         raise InvalidTransaction("'ipfs_hash' is not an IPFS CID (expected Qm... or b...)")
@@ -220,6 +225,10 @@ class Blockchain:
     def pending(self) -> list[Transaction]:
         with self._lock:
             return list(self._pending.values())
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
 
     @property
     def last_block(self) -> Block:
@@ -344,7 +353,8 @@ class Blockchain:
         with self._lock:
             if self._executor is None:
                 # spawn, not fork: the node is multi-threaded, and a forked child could inherit held locks
-                self._executor = ProcessPoolExecutor(self.mining_workers, mp_context=get_context("spawn"))
+                self._executor = ProcessPoolExecutor(self.mining_workers, mp_context=get_context("spawn"),
+                                                     initializer=_exit_with_parent, initargs=(os.getpid(),))
             return self._executor
 
     def start_mining_workers(self) -> None:
@@ -447,6 +457,16 @@ class Blockchain:
                 self.add_transaction(tx)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """In a mining process: end when the node that started it is gone (killed, not closed)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def block_shape_problem(block: Any) -> str | None:
     """What is wrong with a block on its own (fields, types, transactions), or None."""
     if not isinstance(block, dict) or set(block) != BLOCK_KEYS:
@@ -474,9 +494,11 @@ def block_shape_problem(block: Any) -> str | None:
 
 def _timestamp_follows(timestamp: str, previous: str) -> bool:
     """Well formed, not before the previous block's, and not in the future beyond clock skew."""
-    try:
-        stamp = datetime.strptime(timestamp, TIMESTAMP_FORMAT)
-        return datetime.strptime(previous, TIMESTAMP_FORMAT) <= stamp <= datetime.now() + MAX_CLOCK_SKEW
+    if not TIMESTAMP.match(timestamp) or not TIMESTAMP.match(previous):
+        return False
+    try:  # fromisoformat reads exactly this form, several times faster than strptime
+        stamp = datetime.fromisoformat(timestamp)
+        return datetime.fromisoformat(previous) <= stamp <= datetime.now() + MAX_CLOCK_SKEW
     except ValueError:
         return False
 
@@ -485,7 +507,7 @@ def _now_after(previous: str) -> str:
     """str(datetime.now()), as in the paper, never earlier than the previous block's."""
     now = datetime.now()
     try:
-        now = max(now, datetime.strptime(previous, TIMESTAMP_FORMAT))
+        now = max(now, datetime.fromisoformat(previous))
     except ValueError:
         pass
     return now.strftime(TIMESTAMP_FORMAT)

@@ -7,6 +7,7 @@ Every failure becomes an `IpfsError` whose message says what to do.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 from urllib.parse import urlsplit
@@ -44,8 +45,25 @@ class IpfsClient:
                  lookup_timeout: float = 5.0) -> None:
         self.api_url = api_url
         self.lookup_timeout = lookup_timeout
-        self._client = ipfshttpclient.Client(api_multiaddr(api_url), timeout=(CONNECT_TIMEOUT_SECONDS, timeout),
-                                             chunk_size=STREAM_CHUNK_BYTES)
+        self._address = api_multiaddr(api_url)
+        self._timeout = (CONNECT_TIMEOUT_SECONDS, timeout)
+        self._local = threading.local()
+
+    @property
+    def _client(self) -> ipfshttpclient.Client:
+        """This thread's client, keeping its connection to the daemon open between calls.
+
+        Without a session ipfshttpclient opens a connection, and re-reads the proxy settings, on
+        every call: that tripled the cost of a small add or cat.
+        """
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = ipfshttpclient.Client(self._address, timeout=self._timeout, chunk_size=STREAM_CHUNK_BYTES,
+                                           session=True)
+            # ipfshttpclient 0.7.0 has no switch for this: the daemon is local, never behind a proxy.
+            client._client._session.trust_env = False
+            self._local.client = client
+        return client
 
     def _call(self, what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -102,17 +120,25 @@ class IpfsClient:
         return {"Size": int(result["Size"]), "CumulativeSize": int(result["CumulativeSize"]),
                 "Type": result.get("Type", "")}
 
-    def cat(self, cid: str) -> Iterator[bytes]:
-        """The bytes of a file, streamed. Looks the CID up first, so an unknown one fails fast."""
-        if self.stat(cid)["Type"] not in ("file", ""):
+    def open(self, cid: str) -> tuple[int, Iterator[bytes]]:
+        """(size in bytes, the bytes streamed in STREAM_CHUNK_BYTES pieces) of a file.
+
+        Looked up first, within the lookup timeout, so an unknown CID fails fast with 404
+        instead of holding a transfer open.
+        """
+        stat = self.stat(cid)
+        if stat["Type"] not in ("file", ""):
             raise IpfsError(f"{cid} is a directory, not a file", 400)
         chunks = self._call(f"cat of {cid}", self._client.cat, cid, stream=True)
-        return self._guarded(f"cat of {cid}", chunks)
+        return stat["Size"], self._rechunked(f"cat of {cid}", iter(chunks))
 
-    def _guarded(self, what: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        iterator = iter(chunks)
-        while True:
-            chunk = self._call(what, next, iterator, None)
-            if chunk is None:
-                return
-            yield chunk
+    def _rechunked(self, what: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """Kubo's stream arrives in pieces of a few KiB; pass it on in large ones, and its faults as IpfsError."""
+        buffer = bytearray()
+        while (chunk := self._call(what, next, chunks, None)) is not None:
+            buffer += chunk
+            if len(buffer) >= STREAM_CHUNK_BYTES:
+                yield bytes(buffer)
+                buffer.clear()
+        if buffer:
+            yield bytes(buffer)

@@ -23,6 +23,7 @@ log = logging.getLogger("emr.node")
 
 ENCRYPTED_SUFFIX = ".aes"
 STATE_FILE = "state.json"
+SIZE_CACHE_ENTRIES = 100_000
 
 
 class StateDamaged(Exception):
@@ -64,6 +65,7 @@ class Node:
         self.uploads = self.data_dir / ".uploads"
         for folder in (self.data_dir, self.downloads, self.uploads):
             folder.mkdir(parents=True, exist_ok=True)
+        self._sizes: dict[str, str] = {}
         self.state_path = self.data_dir / STATE_FILE
         self._save_lock = threading.Lock()
         self._saved_version: tuple[int, int] | None = None
@@ -122,7 +124,7 @@ class Node:
         """The newest mined record matching `name` and every version of it, newest first."""
         matches = self.blockchain.find_records(name)
         if not matches:
-            pending = len(self.blockchain.pending)
+            pending = self.blockchain.pending_count
             hint = f"; {pending} pending transaction(s) are not searched until mined" if pending else ""
             raise NotFound(f"no record named '{name}' on the chain{hint}")
         versions = [{**self._describe(tx, name), "block_index": index, "EHR_name": tx["EHR_name"],
@@ -138,11 +140,19 @@ class Node:
         return {"Hash": tx["ipfs_hash"], "Name": tx.get("file_name") or asked, "Size": tx.get("file_size")}
 
     def _ipfs_size(self, cid: str) -> str | None:
-        """Kubo's size figure for a CID (the one its add reports), or None if IPFS cannot tell now."""
-        try:
-            return str(self.ipfs.stat(cid)["CumulativeSize"])
-        except IpfsError:
-            return None
+        """Kubo's size figure for a CID (the one its add reports), or None if IPFS cannot tell now.
+
+        A CID names fixed content, so its size is remembered once known.
+        """
+        if cid not in self._sizes:
+            try:
+                size = str(self.ipfs.stat(cid)["CumulativeSize"])
+            except IpfsError:
+                return None
+            if len(self._sizes) >= SIZE_CACHE_ENTRIES:
+                self._sizes.clear()
+            self._sizes[cid] = size
+        return self._sizes[cid]
 
     def _download_name(self, cid: str) -> str:
         record = self.blockchain.record_for_cid(cid)
@@ -152,9 +162,11 @@ class Node:
         """Fetch a file from IPFS into the downloads folder; returns (path within data dir, size)."""
         cid = _checked_cid(cid)
         destination = self.downloads / self._download_name(cid)
+        _, chunks = self.ipfs.open(cid)
         size = 0
-        with written_atomically(destination) as out:
-            for chunk in self.ipfs.cat(cid):
+        # Not fsync'd: a download lost to a power cut is fetched again; the rename still keeps it whole.
+        with written_atomically(destination, durable=False) as out:
+            for chunk in chunks:
                 out.write(chunk)
                 size += len(chunk)
         return self._relative(destination), size
@@ -162,8 +174,8 @@ class Node:
     def stream_file(self, cid: Any) -> tuple[str, int, Iterator[bytes]]:
         """(download name, size, bytes) of a file, for sending it back as an attachment."""
         cid = _checked_cid(cid)
-        size = self.ipfs.stat(cid)["Size"]
-        return self._download_name(cid), size, self.ipfs.cat(cid)
+        size, chunks = self.ipfs.open(cid)
+        return self._download_name(cid), size, chunks
 
     # -- encryption ----------------------------------------------------------
 

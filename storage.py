@@ -52,12 +52,14 @@ def safe_file_name(name: str, fallback: str) -> str:
 
 
 @contextmanager
-def written_atomically(destination: Path, mode: str = "wb", *, overwrite: bool = True) -> Iterator[Any]:
+def written_atomically(destination: Path, mode: str = "wb", *, overwrite: bool = True,
+                       durable: bool = True) -> Iterator[Any]:
     """Open a temporary file beside `destination`; rename it into place only if the block succeeds.
 
     The file is created owner-only (mkstemp), which suits medical records. With
     overwrite=False an existing destination, even one that appeared meanwhile,
-    raises FileExistsError and is left alone.
+    raises FileExistsError and is left alone. durable=True flushes it to disk
+    before the rename, so a crash cannot leave an empty file under the name.
     """
     destination.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=".part-")
@@ -65,7 +67,8 @@ def written_atomically(destination: Path, mode: str = "wb", *, overwrite: bool =
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         if not overwrite and destination.exists():
             raise FileExistsError(str(destination))
         os.replace(temp_name, destination)

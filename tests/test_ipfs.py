@@ -159,7 +159,8 @@ def test_adapter_calls_work_against_this_kubo(kubo: Kubo, tmp_path: Path) -> Non
     added = adapter.add_file(path)
     stat = adapter.stat(added["Hash"])
     assert stat["Size"] == 300_000 and str(stat["CumulativeSize"]) == added["Size"]
-    assert b"".join(adapter.cat(added["Hash"])) == path.read_bytes()
+    size, chunks = adapter.open(added["Hash"])
+    assert size == 300_000 and b"".join(chunks) == path.read_bytes()
     with pytest.raises(IpfsError) as unknown:
         adapter.stat(PAPER_HASH)
     assert unknown.value.status == 404
