@@ -1,0 +1,121 @@
+"""Item 4: the node's proof of work (its process pool) against the paper's plain loop, same run, interleaved."""
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from common import cpu_seconds, log, summarize
+
+SPEEDUP_GOAL = 1.7
+
+
+def paper_proof_of_work(previous_proof: int, difficulty: int) -> int:
+    """The paper's loop (Fig. 4 code), with its four zeros generalised to `difficulty`."""
+    new_proof = 1
+    check_proof = False
+    zeros = "0" * difficulty
+    while check_proof is False:
+        hash_operation = hashlib.sha256(str(new_proof**2 - previous_proof**2).encode()).hexdigest()
+        if hash_operation[:difficulty] == zeros:
+            check_proof = True
+        else:
+            new_proof += 1
+    return new_proof
+
+
+def _pool_cpu(blockchain: Any) -> float:
+    executor = getattr(blockchain, "_executor", None)
+    processes = getattr(executor, "_processes", None) or {}
+    return sum(cpu_seconds(pid) or 0.0 for pid in list(processes))
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    from blockchain import Blockchain, proof_of_work
+
+    args = ctx.args
+    difficulty, rounds, workers = args.pow_difficulty, args.pow_rounds, 2
+    log(f"item 4: proof of work at difficulty {difficulty}, {rounds} previous nonces, mining_workers={workers}")
+    chain = Blockchain(difficulty=1, mining_workers=workers)
+    try:
+        started = time.perf_counter()
+        chain.mine_block()  # starts the process pool: reported apart
+        pool_start = time.perf_counter() - started
+        chain.difficulty = difficulty
+        rows = []
+        for number in range(rounds):
+            previous = chain.last_block["nonce"]
+            timings: dict[str, tuple[int, float]] = {}
+            order = ["node", "plain", "node-1-process"]
+            order = order[number % 3:] + order[:number % 3]
+            pool_cpu = 0.0
+            for side in order:
+                started = time.perf_counter()
+                if side == "node":
+                    cpu_before = _pool_cpu(chain)
+                    nonce = chain.mine_block()["nonce"]
+                    pool_cpu = _pool_cpu(chain) - cpu_before
+                elif side == "plain":
+                    nonce = paper_proof_of_work(previous, difficulty)
+                else:
+                    nonce = proof_of_work(previous, difficulty)
+                timings[side] = (nonce, time.perf_counter() - started)
+            row = {"previous_nonce": previous, **{f"{side}_nonce": n for side, (n, _) in timings.items()},
+                   **{f"{side}_s": s for side, (_, s) in timings.items()},
+                   "same_nonce": len({n for n, _ in timings.values()}) == 1,
+                   "node_pool_cpu_s": pool_cpu}
+            row["speedup"] = row["plain_s"] / row["node_s"]
+            rows.append(row)
+            log(f"  previous {previous}: nonce {timings['node'][0]}, node {timings['node'][1]:.2f} s, "
+                f"plain {timings['plain'][1]:.2f} s, speedup {row['speedup']:.2f}")
+        consecutive = mining_latency(Blockchain, args.mine_blocks)
+    finally:
+        chain.close()
+    nonces = sum(row["node_nonce"] for row in rows)
+
+    def rate(side: str) -> float:
+        return nonces / sum(row[f"{side}_s"] for row in rows)
+
+    speedup = rate("node") / rate("plain")
+    same = all(row["same_nonce"] for row in rows)
+    met = speedup >= SPEEDUP_GOAL and same
+    goals = [{"item": "4", "name": f"node mining (mining_workers=2) vs the paper's plain loop, difficulty {difficulty}",
+              "goal": f">= {SPEEDUP_GOAL}x the plain loop's hashes/s, same smallest nonce",
+              "measured": f"{speedup:.2f}x ({rate('node') / 1e6:.2f} vs {rate('plain') / 1e6:.2f} M hashes/s); "
+                          f"same nonce in {sum(r['same_nonce'] for r in rows)}/{len(rows)}",
+              "met": met,
+              "miss": None if met else (f"by {SPEEDUP_GOAL - speedup:.2f}x" if same else "a different nonce was found")}]
+    return {"difficulty": difficulty, "rounds": rows, "pool_start_s": pool_start,
+            "hashes_per_s": {"node (mining_workers=2)": rate("node"), "paper plain loop": rate("plain"),
+                             "node search, 1 process": rate("node-1-process")},
+            "speedup": speedup, "speedup_per_round": summarize(r["speedup"] for r in rows),
+            "same_nonce": same, "mine_block_difficulty_4_ms": consecutive, "goals": goals,
+            "notes": ["Hashes/s = the nonce found / seconds (every nonce up to the answer is tried).",
+                      "In-process: blockchain.Blockchain(mining_workers=2).mine_block(), the node's own path and "
+                      "process pool, started before timing; the plain loop and the node's 1-process search run "
+                      "in the bench process itself.",
+                      "node_pool_cpu_s: CPU the two mining processes used for that block (more than the plain "
+                      "loop's time means work past the answer)."]}
+
+
+def mining_latency(blockchain_class: Any, blocks: int) -> dict[str, Any]:
+    """Consecutive mine_block calls at difficulty 4, 2 processes vs 1, in alternating stretches of 5."""
+    chains = {"mining_workers=1": blockchain_class(difficulty=1, mining_workers=1),
+              "mining_workers=2": blockchain_class(difficulty=1, mining_workers=2)}
+    samples: dict[str, list[float]] = {name: [] for name in chains}
+    try:
+        for chain in chains.values():
+            chain.mine_block()
+            chain.difficulty = 4
+        stretch = 5
+        for number in range(max(1, blocks // stretch)):
+            names = list(chains) if number % 2 == 0 else list(reversed(chains))
+            for name in names:
+                for _ in range(stretch):
+                    started = time.perf_counter()
+                    chains[name].mine_block()
+                    samples[name].append(time.perf_counter() - started)
+    finally:
+        for chain in chains.values():
+            chain.close()
+    return {name: summarize(values, 1000) for name, values in samples.items()}
