@@ -160,4 +160,4 @@ def run(ctx: Any) -> dict[str, Any]:
                       "its own. bench_disk_peak_gb: everything under the bench's work folder after each step, Kubo's "
                       "repos included.",
                       "Files are in the page cache (24 GiB of RAM here): these are CPU and copy speeds, "
-                      "not disk speeds; encrypt_file, get_file and decrypt_file fsync what they write."]}
+                      "not disk speeds; encrypt_file and decrypt_file fsync what they write, get_file does not."]}
