@@ -74,7 +74,7 @@ def hash_block(block: Block) -> str:
 
 def is_cid(value: str) -> bool:
     """A CIDv0 (Qm..., base58btc) or a CIDv1 in Kubo's default base32 text form."""
-    return bool(CID_V0.match(value) or CID_V1_BASE32.match(value))
+    return bool(CID_V0.fullmatch(value) or CID_V1_BASE32.fullmatch(value))
 
 
 def paper_proof_ok(nonce: int, previous_nonce: int, difficulty: int) -> bool:
@@ -177,9 +177,9 @@ def check_transaction(tx: Any) -> Transaction:
         raise InvalidTransaction("'file_name' must be a plain file name, without folders")
     if "file_size" in tx:
         size = tx["file_size"]
-        if isinstance(size, bool) or not isinstance(size, (int, str)) or not FILE_SIZE.match(str(size)):
+        if isinstance(size, bool) or not isinstance(size, (int, str)) or not FILE_SIZE.fullmatch(str(size)):
             raise InvalidTransaction("'file_size' must be a non-negative whole number")
-    if "id" in tx and not (isinstance(tx["id"], str) and TRANSACTION_ID.match(tx["id"])):
+    if "id" in tx and not (isinstance(tx["id"], str) and TRANSACTION_ID.fullmatch(tx["id"])):
         raise InvalidTransaction("'id' must be 32 lowercase hex digits")
     clean = {key: tx[key] for key in TRANSACTION_KEYS + OPTIONAL_TRANSACTION_KEYS if key in tx}
     if "file_size" in clean:
@@ -494,7 +494,7 @@ def block_shape_problem(block: Any) -> str | None:
 
 def _timestamp_follows(timestamp: str, previous: str) -> bool:
     """Well formed, not before the previous block's, and not in the future beyond clock skew."""
-    if not TIMESTAMP.match(timestamp) or not TIMESTAMP.match(previous):
+    if not TIMESTAMP.fullmatch(timestamp) or not TIMESTAMP.fullmatch(previous):
         return False
     try:  # fromisoformat reads exactly this form, several times faster than strptime
         stamp = datetime.fromisoformat(timestamp)

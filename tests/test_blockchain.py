@@ -128,6 +128,9 @@ def test_content_proof_blocks_hash_below_the_difficulty() -> None:
     ({"user_id": "x", "ipfs_hash": PAPER_HASH, "EHR_name": "MRI", "file_size": "-1"}, "file_size"),
     ({"user_id": "x", "ipfs_hash": PAPER_HASH, "EHR_name": "MRI", "file_name": "../etc"}, "file_name"),
     ({"user_id": "x", "ipfs_hash": PAPER_HASH, "EHR_name": "MRI", "colour": "red"}, "colour"),
+    ({"user_id": "x", "ipfs_hash": PAPER_HASH, "EHR_name": "MRI", "file_size": "12\n"}, "file_size"),
+    ({"user_id": "x", "ipfs_hash": PAPER_HASH, "EHR_name": "MRI", "id": "0" * 32 + "\n"}, "id"),
+    ({"user_id": "x", "ipfs_hash": PAPER_HASH + "\n", "EHR_name": "MRI"}, "ipfs_hash"),
 ])
 def test_malformed_transaction_is_refused_naming_the_field(tx, field) -> None:
     chain = Blockchain()
