@@ -37,6 +37,7 @@ Transaction = dict[str, Any]
 GENESIS_INDEX = 1
 GENESIS_NONCE = 1
 GENESIS_PREVIOUS_HASH = "0"
+PAPER_GENESIS_TIMESTAMP = "2020-09-02 23:31:41.258101"  # the paper's own genesis block (Fig. 4d)
 BLOCK_KEYS = frozenset({"index", "timestamp", "nonce", "previous_hash", "transactions"})
 TRANSACTION_KEYS = ("user_id", "ipfs_hash", "EHR_name")
 OPTIONAL_TRANSACTION_KEYS = ("id", "file_name", "file_size")
@@ -196,7 +197,7 @@ def _record_keys(name: str) -> set[str]:
 class Blockchain:
     """One node's chain and pending transactions."""
 
-    def __init__(self, difficulty: int = 4, genesis_timestamp: str = "2020-09-02 23:31:41.258101",
+    def __init__(self, difficulty: int = 4, genesis_timestamp: str = PAPER_GENESIS_TIMESTAMP,
                  pow_mode: str = "paper", mining_workers: int = 1) -> None:
         if pow_mode not in ("paper", "content"):
             raise ValueError("pow_mode must be 'paper' or 'content'")

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from blockchain import PAPER_GENESIS_TIMESTAMP
+
 ENV_PREFIX = "EMR_"
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 
-# The paper's own genesis block (Fig. 4d); every node of one network must use the same one.
-PAPER_GENESIS_TIMESTAMP = "2020-09-02 23:31:41.258101"
 
 # Endpoints each role's node serves. A role not listed here serves everything
 # (an operator-defined role is trusted until it is given a row).

@@ -7,9 +7,8 @@ import json
 
 import pytest
 
-from blockchain import (Blockchain, InvalidTransaction, check_transaction, hash_block, paper_proof_ok,
-                        proof_of_work)
-from config import PAPER_GENESIS_TIMESTAMP
+from blockchain import (PAPER_GENESIS_TIMESTAMP, Blockchain, InvalidTransaction, check_transaction, hash_block,
+                        paper_proof_ok, proof_of_work)
 from conftest import PAPER_HASH, paper_transaction
 
 PAPER_BLOCK_2_PREVIOUS_HASH = "03bee3d22f9c590f051f15f6efe33f282cfeac3fd90957779f04ddf29c2c879d"
