@@ -105,6 +105,15 @@ class InvalidPasswordError(CryptoError, ValueError):
     reason = f"password must be 1 to {MAX_PASSWORD_LENGTH} characters"
 
 
+def default_output(src: Path, encrypting: bool) -> Optional[Path]:
+    """FILE -> FILE.aes, FILE.aes -> FILE; None when a name to decrypt to cannot be derived."""
+    if encrypting:
+        return src.with_name(src.name + AES_SUFFIX)
+    if src.name.lower().endswith(AES_SUFFIX) and len(src.name) > len(AES_SUFFIX):
+        return src.with_name(src.name[:-len(AES_SUFFIX)])
+    return None
+
+
 def generate_password() -> str:
     """Return a strong random password (43 URL-safe characters, 256 bits)."""
     return secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
@@ -365,13 +374,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {src}: no such file", file=sys.stderr)
         return EXIT_MISSING_INPUT
     encrypting = args.command == "encrypt"
-    if args.output:
-        dst = Path(args.output)
-    elif encrypting:
-        dst = src.with_name(src.name + AES_SUFFIX)
-    elif src.name.lower().endswith(AES_SUFFIX) and len(src.name) > len(AES_SUFFIX):
-        dst = src.with_name(src.name[:-len(AES_SUFFIX)])
-    else:
+    dst = Path(args.output) if args.output else default_output(src, encrypting)
+    if dst is None:
         raise _UsageError(f"{src}: name does not end in {AES_SUFFIX}; use -o to name the output")
     _refuse_existing(dst, args.force)
     password = _get_password(args.password, confirm=encrypting)

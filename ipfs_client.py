@@ -97,9 +97,6 @@ class IpfsClient:
     def peer_id(self) -> str:
         return self._call("id", self._client.id)["ID"]
 
-    def swarm_connect(self, multiaddr: str) -> None:
-        self._call("swarm connect", self._client.swarm.connect, multiaddr)
-
     # -- content -------------------------------------------------------------
 
     def add_file(self, source: Path | BinaryIO) -> dict[str, str]:

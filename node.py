@@ -21,7 +21,6 @@ from storage import confine_path, safe_file_name, write_json_atomically, written
 
 log = logging.getLogger("emr.node")
 
-ENCRYPTED_SUFFIX = ".aes"
 STATE_FILE = "state.json"
 SIZE_CACHE_ENTRIES = 100_000
 
@@ -182,20 +181,23 @@ class Node:
     def encrypt_file(self, file_path: Any, password: str, output_path: Any = None,
                      overwrite: bool = False) -> tuple[str, int]:
         source = self._existing(file_path)
-        target = confine_path(self.data_dir, output_path, "output_path") if output_path else \
-            source.with_name(source.name + ENCRYPTED_SUFFIX)
+        target = self._crypt_target(source, output_path, encrypting=True)
         return self._crypt(crypto.encrypt_file, source, target, password, overwrite)
 
     def decrypt_file(self, file_path: Any, password: str, output_path: Any = None,
                      overwrite: bool = False) -> tuple[str, int]:
         source = self._existing(file_path)
-        if output_path:
-            target = confine_path(self.data_dir, output_path, "output_path")
-        elif source.name.endswith(ENCRYPTED_SUFFIX) and len(source.name) > len(ENCRYPTED_SUFFIX):
-            target = source.with_name(source.name[:-len(ENCRYPTED_SUFFIX)])
-        else:
-            raise BadInput("'file_path' does not end in .aes: give 'output_path' for the decrypted file")
+        target = self._crypt_target(source, output_path, encrypting=False)
         return self._crypt(crypto.decrypt_file, source, target, password, overwrite)
+
+    def _crypt_target(self, source: Path, output_path: Any, encrypting: bool) -> Path:
+        if output_path:
+            return confine_path(self.data_dir, output_path, "output_path")
+        target = crypto.default_output(source, encrypting)
+        if target is None:
+            raise BadInput(f"'file_path' does not end in {crypto.AES_SUFFIX}: "
+                           f"give 'output_path' for the decrypted file")
+        return target
 
     def _existing(self, file_path: Any) -> Path:
         path = confine_path(self.data_dir, file_path)
