@@ -82,9 +82,11 @@ def json_body(*fields: str) -> dict[str, Any]:
 
 
 def refuse_unknown(received: Any, fields: tuple[str, ...]) -> None:
-    unknown = sorted(set(received) - set(fields))
+    # Werkzeug names a multipart part whose name it cannot read None.
+    unknown = sorted(repr(key) if isinstance(key, str) else "(a part without a readable name)"
+                     for key in set(received) - set(fields))
     if unknown:
-        raise BadInput(f"unknown field(s): {', '.join(map(repr, unknown))}; expected {', '.join(fields)}")
+        raise BadInput(f"unknown field(s): {', '.join(unknown)}; expected {', '.join(fields)}")
 
 
 def _depth(value: Any) -> int:

@@ -61,12 +61,15 @@ def kubo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kubo]:
 
 # -- nodes in-process ----------------------------------------------------------
 
+def node_settings(default_data_dir: Path, /, **settings: Any) -> dict[str, Any]:
+    """A node for tests: its own data dir, no background sync, one mining process, short waits,
+    and no IPFS daemon unless the test gives one."""
+    return {"data_dir": str(default_data_dir), "sync_interval": 0.0, "mining_workers": 1, "peer_timeout": 2.0,
+            "ipfs_api": f"http://127.0.0.1:{free_port()}", "ipfs_lookup_timeout": 2.0, **settings}
+
+
 def node_config(data_dir: Path, **settings: Any) -> Config:
-    """A node for tests: its own data dir, no background sync, one mining process."""
-    defaults: dict[str, Any] = {"data_dir": str(data_dir), "sync_interval": 0.0, "mining_workers": 1,
-                                "ipfs_api": f"http://127.0.0.1:{free_port()}", "ipfs_lookup_timeout": 2.0,
-                                "peer_timeout": 2.0}
-    return Config(**{**defaults, **settings})
+    return Config(**node_settings(data_dir, **settings))
 
 
 @pytest.fixture
@@ -107,9 +110,7 @@ def spawn_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
 
     def spawn(role: str = "patient", port: int | None = None, **settings: Any) -> NodeProcess:
         port = port or free_port()
-        settings = {"sync_interval": 0, "mining_workers": 1, "peer_timeout": 2,
-                    "ipfs_api": f"http://127.0.0.1:{free_port()}", "data_dir": str(tmp_path / f"node-{port}"),
-                    **settings}
+        settings = node_settings(tmp_path / f"node-{port}", **settings)
         node = NodeProcess(port, node_args(role, **settings), tmp_path / f"node-{port}.log").start()
         started.append(node)
         return node

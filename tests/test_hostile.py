@@ -1,6 +1,7 @@
 """Hostile input: path escapes in every path field, oversized and odd bodies, uploads beyond the cap."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -80,6 +81,13 @@ def test_odd_bodies_are_refused_with_a_4xx_json_error(client, body, named) -> No
     else:
         assert response.status_code == 413 and "larger" in response.get_json()["error"]
     assert client.node.blockchain.pending == []
+
+
+@pytest.mark.parametrize("field", ["x", "a\nb", 'quote"d'])
+def test_upload_with_an_unexpected_form_field_is_a_400_naming_it(client, field) -> None:
+    response = client.post("/create_hash", content_type="multipart/form-data",
+                           data={field: "x", "file": (io.BytesIO(b"scan"), "scan.bin")})
+    assert response.status_code == 400 and "unknown field" in response.get_json()["error"]
 
 
 def test_connect_node_refuses_hosts_the_operator_did_not_allow(client) -> None:
