@@ -60,7 +60,8 @@ class Kubo:
     gateway_port: int = field(default_factory=free_port)
     swarm_port: int = field(default_factory=free_port)
     swarm_key: Path | None = None
-    peers: list[str] = field(default_factory=list)  # "PEERID@SWARMPORT", all on 127.0.0.1
+    peers: list[str] = field(default_factory=list)  # "PEERID@SWARMPORT" on 127.0.0.1, or "PEERID@ADDR:PORT"
+    bind: str = "127.0.0.1"  # the swarm's address: a lab host's 198.18.x.y in scripts/lab.py
 
     @property
     def api_url(self) -> str:
@@ -69,7 +70,8 @@ class Kubo:
     def env(self) -> dict[str, str]:
         env = {**os.environ, "KUBO_REPO": str(self.repo), "IPFS_PATH": str(self.repo),
                "IPFS_API_PORT": str(self.api_port), "IPFS_GATEWAY_PORT": str(self.gateway_port),
-               "IPFS_SWARM_PORT": str(self.swarm_port), "KUBO_PEERS": " ".join(self.peers)}
+               "IPFS_SWARM_PORT": str(self.swarm_port), "KUBO_PEERS": " ".join(self.peers),
+               "KUBO_BIND": self.bind, "KUBO_API_BIND": "127.0.0.1"}  # api_url is on 127.0.0.1
         env.pop("KUBO_SWARM_KEY", None)
         if self.swarm_key:
             env["KUBO_SWARM_KEY"] = str(self.swarm_key)

@@ -9,13 +9,18 @@
 #
 # Every repo this script creates is loopback-only (../shared/kubo-loopback.md): test profile,
 # AutoConf off, no bootstrap peers, no mDNS, no NAT port mapping, no relays, routing none,
-# telemetry off, and API, gateway and swarm on 127.0.0.1.
+# telemetry off, and API, gateway and swarm on 127.0.0.1. Inside a lab host (scripts/lab.py, a
+# network namespace with no route out) the swarm, and if asked API and gateway, may bind that
+# host's lab address instead (../shared/lab-network.md); any address outside 127.0.0.0/8 and
+# 198.18.0.0/15 is refused.
 #
 # Settings (environment):
 #   IPFS_API_PORT (5001), IPFS_GATEWAY_PORT (8080), IPFS_SWARM_PORT (4001)
 #   KUBO_REPO     repo folder (default .state/kubo/NAME)
 #   KUBO_SWARM_KEY  path of a swarm.key: makes the repo part of that private network
-#   KUBO_PEERS    space-separated "PEERID@PORT" of loopback peers to keep connected
+#   KUBO_PEERS    space-separated "PEERID@PORT" (on 127.0.0.1) or "PEERID@ADDR:PORT" of peers to keep connected
+#   KUBO_BIND     address the swarm listens on (127.0.0.1; a lab host's 198.18.x.y)
+#   KUBO_API_BIND address API and gateway listen on (127.0.0.1)
 #   KUBO_VERSION (v0.43.1), KUBO_TOOLS (.tools), KUBO_START_TIMEOUT (60 seconds)
 set -euo pipefail
 
@@ -28,10 +33,22 @@ API_PORT=${IPFS_API_PORT:-5001}
 GATEWAY_PORT=${IPFS_GATEWAY_PORT:-8080}
 SWARM_PORT=${IPFS_SWARM_PORT:-4001}
 START_TIMEOUT=${KUBO_START_TIMEOUT:-60}
+SWARM_BIND=${KUBO_BIND:-127.0.0.1}
+API_BIND=${KUBO_API_BIND:-127.0.0.1}
 export IPFS_TELEMETRY=off
 
 say() { echo "kubo: $*" >&2; }
 die() { say "error: $*"; exit 1; }
+
+# The only addresses a repo may listen on or peer with: loopback, or the lab's benchmarking
+# block 198.18.0.0/15 (RFC 2544), which exists here only inside lab namespaces.
+allowed_address() {
+  local octet='(0|[1-9][0-9]?|1[0-9]{2}|2[0-4][0-9]|25[0-5])'
+  [[ $1 =~ ^$octet\.$octet\.$octet\.$octet$ ]] || return 1
+  [ "${BASH_REMATCH[1]}" = 127 ] || { [ "${BASH_REMATCH[1]}" = 198 ] && [[ ${BASH_REMATCH[2]} =~ ^1[89]$ ]]; }
+}
+allowed_address "$SWARM_BIND" || die "KUBO_BIND=$SWARM_BIND is neither loopback (127.0.0.0/8) nor a lab address (198.18.0.0/15)"
+allowed_address "$API_BIND" || die "KUBO_API_BIND=$API_BIND is neither loopback (127.0.0.0/8) nor a lab address (198.18.0.0/15)"
 
 find_ipfs() {
   if [ -x "$TOOLS/bin/ipfs" ]; then echo "$TOOLS/bin/ipfs"; return 0; fi
@@ -88,9 +105,9 @@ repo_for() { echo "${KUBO_REPO:-$STATE/$1}"; }
 configure_loopback() {
   local ipfs=$1
   c() { "$ipfs" config --json "$1" "$2"; }
-  c Addresses.API "\"/ip4/127.0.0.1/tcp/$API_PORT\""
-  c Addresses.Gateway "\"/ip4/127.0.0.1/tcp/$GATEWAY_PORT\""
-  c Addresses.Swarm "[\"/ip4/127.0.0.1/tcp/$SWARM_PORT\"]"
+  c Addresses.API "\"/ip4/$API_BIND/tcp/$API_PORT\""
+  c Addresses.Gateway "\"/ip4/$API_BIND/tcp/$GATEWAY_PORT\""
+  c Addresses.Swarm "[\"/ip4/$SWARM_BIND/tcp/$SWARM_PORT\"]"
   c Addresses.Announce '[]'
   c Addresses.NoAnnounce '["/ip4/0.0.0.0/ipcidr/0", "/ip6/::/ipcidr/0"]'
   c Addresses.AppendAnnounce '[]'
@@ -116,12 +133,27 @@ configure_loopback() {
   c Plugins.Plugins.telemetry.Disabled true
 }
 
-peering_json() {
-  # "ID@PORT ID@PORT" -> Peering.Peers JSON, every address on 127.0.0.1
-  local out="" entry id port
+peer_address() {
+  # "ID@PORT" -> 127.0.0.1:PORT, "ID@ADDR:PORT" -> ADDR:PORT
+  local where=${1#*@}
+  case $where in *:*) echo "$where" ;; *) echo "127.0.0.1:$where" ;; esac
+}
+
+check_peers() {
+  local entry address
   for entry in ${KUBO_PEERS:-}; do
-    id=${entry%@*}; port=${entry#*@}
-    out="$out${out:+,}{\"ID\":\"$id\",\"Addrs\":[\"/ip4/127.0.0.1/tcp/$port\"]}"
+    address=$(peer_address "$entry")
+    [[ ${address##*:} =~ ^[0-9]+$ ]] || die "KUBO_PEERS entry $entry has no port"
+    allowed_address "${address%:*}" || die "KUBO_PEERS entry $entry is neither loopback (127.0.0.0/8) nor a lab address (198.18.0.0/15)"
+  done
+}
+
+peering_json() {
+  # "ID@PORT ID@ADDR:PORT" -> Peering.Peers JSON, an address without ADDR on 127.0.0.1
+  local out="" entry id address
+  for entry in ${KUBO_PEERS:-}; do
+    id=${entry%@*}; address=$(peer_address "$entry")
+    out="$out${out:+,}{\"ID\":\"$id\",\"Addrs\":[\"/ip4/${address%:*}/tcp/${address##*:}\"]}"
   done
   echo "[$out]"
 }
@@ -129,6 +161,7 @@ peering_json() {
 cmd_init() {
   local name=${1:-main} ipfs repo
   ipfs=$(ipfs_bin); repo=$(repo_for "$name")
+  check_peers
   export IPFS_PATH="$repo"
   if [ ! -f "$repo/config" ]; then
     mkdir -p "$repo"
@@ -142,7 +175,7 @@ cmd_init() {
   echo "$repo"
 }
 
-api_answers() { curl -fsS -X POST --max-time 2 "http://127.0.0.1:$1/api/v0/version" >/dev/null 2>&1; }
+api_answers() { curl -fsS -X POST --max-time 2 "http://$API_BIND:$1/api/v0/version" >/dev/null 2>&1; }
 
 # Running, and not a zombie (a daemon orphaned by an earlier shell may wait a while to be reaped).
 process_runs() { local state; state=$(ps -o stat= -p "$1" 2>/dev/null) && [ -n "$state" ] && [ "${state#Z}" = "$state" ]; }
@@ -153,7 +186,7 @@ cmd_start() {
   ipfs=$(ipfs_bin)
   repo=$(cmd_init "$name")
   export IPFS_PATH="$repo"
-  if pid_alive "$repo"; then say "$name already runs (pid $(cat "$repo/daemon.pid"))"; echo "http://127.0.0.1:$API_PORT"; return 0; fi
+  if pid_alive "$repo"; then say "$name already runs (pid $(cat "$repo/daemon.pid"))"; echo "http://$API_BIND:$API_PORT"; return 0; fi
   if api_answers "$API_PORT"; then die "port $API_PORT already answers as an IPFS API, but not for repo $repo; stop that daemon or set IPFS_API_PORT"; fi
   if [ -n "${KUBO_SWARM_KEY:-}" ]; then export LIBP2P_FORCE_PNET=1; fi
   nohup "$ipfs" daemon --migrate=false >"$repo/daemon.log" 2>&1 </dev/null &
@@ -161,11 +194,11 @@ cmd_start() {
   local waited=0
   until api_answers "$API_PORT"; do
     if ! pid_alive "$repo"; then tail -20 "$repo/daemon.log" >&2; die "daemon $name exited during start (log: $repo/daemon.log)"; fi
-    [ "$waited" -ge $((START_TIMEOUT * 10)) ] && die "daemon $name did not answer on 127.0.0.1:$API_PORT within ${START_TIMEOUT}s (log: $repo/daemon.log)"
+    [ "$waited" -ge $((START_TIMEOUT * 10)) ] && die "daemon $name did not answer on $API_BIND:$API_PORT within ${START_TIMEOUT}s (log: $repo/daemon.log)"
     sleep 0.1; waited=$((waited + 1))
   done
-  say "$name runs: API http://127.0.0.1:$API_PORT, gateway 127.0.0.1:$GATEWAY_PORT, swarm 127.0.0.1:$SWARM_PORT, repo $repo"
-  echo "http://127.0.0.1:$API_PORT"
+  say "$name runs: API http://$API_BIND:$API_PORT, gateway $API_BIND:$GATEWAY_PORT, swarm $SWARM_BIND:$SWARM_PORT, repo $repo"
+  echo "http://$API_BIND:$API_PORT"
 }
 
 stop_repo() {
@@ -195,7 +228,7 @@ cmd_status() {
   repo=$(repo_for "$name")
   if pid_alive "$repo"; then
     ipfs=$(ipfs_bin)
-    echo "$name: running (pid $(cat "$repo/daemon.pid")), API http://127.0.0.1:$API_PORT, repo $repo"
+    echo "$name: running (pid $(cat "$repo/daemon.pid")), API http://$API_BIND:$API_PORT, repo $repo"
     echo "swarm peers:"; IPFS_PATH="$repo" "$ipfs" swarm peers || true
   else
     echo "$name: not running (repo $repo)"; return 3
@@ -209,5 +242,5 @@ case "${1:-}" in
   stop) shift; cmd_stop "$@" ;;
   status) shift; cmd_status "$@" ;;
   bin) ipfs_bin ;;
-  *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
