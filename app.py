@@ -1,32 +1,29 @@
 """The REST API of one emr-chain node, with the request and response shapes of the paper's Fig. 4.
 
-`create_app(config)` builds an isolated node (tests use it in-process);
-`python app.py --port 5002 --role patient` serves one with waitress.
+Each route reads its request, calls one method of `Node` and shapes one response; the access rule it
+follows stands beside it (`@serves`). `create_app(config)` builds an isolated node (tests use it
+in-process); `python app.py --port 5002 --role patient` serves one (see server.py).
 """
 from __future__ import annotations
 
 import hmac
 import json
 import logging
-import signal
-import sys
 import tempfile
-import threading
 import time
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote
 
 from flask import Blueprint, Flask, Request, Response, current_app, g, jsonify, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
-import crypto
+import errors
 import openapi as openapi_spec
-from blockchain import InvalidTransaction
-from config import ALWAYS_SERVED, ROLE_ENDPOINTS, Config, load_config
-from ipfs_client import IpfsClient, IpfsError
-from network import NODE_HEADER, PeerRefused
-from node import BadInput, Conflict, Node, NotFound, StateDamaged
-from storage import PathRefused
+from config import Config
+from errors import BadInput, Forbidden, NodeError, Unauthorized
+from ipfs_client import IpfsClient
+from node import NODE_HEADER, Node
+from policy import Action, may, needs_key
 
 log = logging.getLogger("emr.app")
 api = Blueprint("api", __name__)
@@ -37,6 +34,7 @@ RETRIEVED_MESSAGE = "The File has Retrieved at Your Local Directory"
 UPLOAD_ENDPOINT = "create_hash"
 UPLOAD_FIELD = "file"
 TOO_LARGE = "the request body is larger than this node accepts"
+ACCESS_ATTRIBUTE = "emr_action"
 
 
 class NodeRequest(Request):
@@ -49,6 +47,18 @@ class NodeRequest(Request):
 
 def current_node() -> Node:
     return current_app.extensions["emr_node"]
+
+
+def serves(action: Action) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The access rule of a route: which action of policy.py it performs."""
+    def mark(view: Callable[..., Any]) -> Callable[..., Any]:
+        setattr(view, ACCESS_ATTRIBUTE, action)
+        return view
+    return mark
+
+
+def action_of(view: Callable[..., Any]) -> Action | None:
+    return getattr(view, ACCESS_ATTRIBUTE, None)
 
 
 # -- request helpers -----------------------------------------------------------
@@ -115,27 +125,30 @@ def flag_field(body: dict[str, Any], name: str) -> bool:
     return value
 
 
-def sender() -> str | None:
-    return current_node().network.sender_netloc(request.headers.get(NODE_HEADER))
+def from_node() -> str | None:
+    """The URL a calling node says it has, on node-to-node requests."""
+    return request.headers.get(NODE_HEADER)
 
 
 # -- the paper's endpoints -----------------------------------------------------
 
 @api.get("/get_chain")
+@serves(Action.READ)
 def get_chain() -> Any:
-    chain = current_node().blockchain.chain
+    chain = current_node().chain()
     return jsonify(chain=chain, length=len(chain))
 
 
 @api.get("/mine_block")
+@serves(Action.MINE)
 def mine_block() -> Any:
-    block = current_node().network.mine_block()
-    return jsonify(message=MINED_MESSAGE, **block)
+    return jsonify(message=MINED_MESSAGE, **current_node().mine_block())
 
 
 @api.post("/add_transaction")
+@serves(Action.RECORD)
 def add_transaction() -> Any:
-    receipt = current_node().network.add_transaction(json_body())
+    receipt = current_node().add_transaction(json_body())
     if receipt.new:
         return jsonify(message=f"This transaction will be added to Block {receipt.index}",
                        index=receipt.index, id=receipt.transaction["id"]), 201
@@ -144,19 +157,18 @@ def add_transaction() -> Any:
 
 
 @api.get("/is_valid")
+@serves(Action.READ)
 def is_valid() -> Any:
-    problem = current_node().blockchain.chain_problem(current_node().blockchain.chain)
+    problem = current_node().chain_problem()
     if problem is None:
         return jsonify(message="All good. The Blockchain is valid.", valid=True)
     return jsonify(message=f"Houston, we have a problem. The Blockchain is not valid: {problem}", valid=False)
 
 
 @api.post("/connect_node")
+@serves(Action.CONNECT)
 def connect_node() -> Any:
-    nodes = json_body("nodes").get("nodes")
-    if not isinstance(nodes, list) or not nodes:
-        raise BadInput("'nodes' must be a non-empty list of node URLs, e.g. [\"http://127.0.0.1:5003\"]")
-    peers, ignored = current_node().network.connect(nodes, announce=sender() is None)
+    peers, ignored = current_node().connect(json_body("nodes").get("nodes"), from_node())
     response = {"message": CONNECTED_MESSAGE, "total_nodes": peers}
     if ignored:
         response["ignored"] = ignored
@@ -164,16 +176,16 @@ def connect_node() -> Any:
 
 
 @api.get("/replace_chain")
+@serves(Action.READ)
 def replace_chain() -> Any:
-    node = current_node()
-    replaced, peers = node.network.sync()
-    chain = node.blockchain.chain
+    replaced, chain, peers = current_node().sync()
     message = ("The nodes had different chains so the chain was replaced by the longest one." if replaced
                else "All good. The chain is the largest one.")
     return jsonify(message=message, replaced=replaced, chain=chain, length=len(chain), peers=peers)
 
 
 @api.post("/create_hash")
+@serves(Action.RECORD)
 def create_hash() -> Any:
     node = current_node()
     if request.mimetype == "multipart/form-data":
@@ -188,17 +200,20 @@ def create_hash() -> Any:
 
 
 @api.post("/get_file_hash")
+@serves(Action.READ)
 def get_file_hash() -> Any:
     return jsonify(current_node().file_info(text_field(json_body("name"), "name")))
 
 
 @api.post("/get_file")
+@serves(Action.FETCH)
 def get_file() -> Any:
     path, size = current_node().get_file(text_field(json_body("ipfs_hash"), "ipfs_hash"))
     return jsonify(message=RETRIEVED_MESSAGE, path=path, size=size)
 
 
 @api.get("/get_file")
+@serves(Action.FETCH)
 def download_file() -> Any:
     name, size, chunks = current_node().stream_file(request.args.get("ipfs_hash", ""))
     fallback = name.encode("ascii", "replace").decode().replace("?", "_").replace('"', "_")
@@ -207,7 +222,7 @@ def download_file() -> Any:
     return Response(stream_with_context(chunks), mimetype="application/octet-stream", headers=headers)
 
 
-def crypt_request(operation: Any, message: str) -> Any:
+def crypt_request(operation: Callable[..., tuple[str, int]], message: str) -> Any:
     """encrypt_file and decrypt_file take the same fields and answer alike."""
     body = json_body(*CRYPT_FIELDS)
     path, size = operation(text_field(body, "file_path"), text_field(body, "password"), body.get("output_path"),
@@ -216,11 +231,13 @@ def crypt_request(operation: Any, message: str) -> Any:
 
 
 @api.post("/encrypt_file")
+@serves(Action.RECORD)
 def encrypt_file() -> Any:
     return crypt_request(current_node().encrypt_file, "The file is encrypted (AES-256, AES Crypt format)")
 
 
 @api.post("/decrypt_file")
+@serves(Action.FETCH)
 def decrypt_file() -> Any:
     return crypt_request(current_node().decrypt_file, "The file is decrypted")
 
@@ -228,35 +245,32 @@ def decrypt_file() -> Any:
 # -- node to node and operations -----------------------------------------------
 
 @api.post("/receive_transaction")
+@serves(Action.GOSSIP)
 def receive_transaction() -> Any:
-    body = json_body()
-    if "id" not in body:
-        raise BadInput("'id' is required on a transaction from another node")
-    receipt = current_node().network.add_transaction(body, sender=sender())
+    receipt = current_node().receive_transaction(json_body(), from_node())
     return jsonify(index=receipt.index, new=receipt.new), 201 if receipt.new else 200
 
 
 @api.post("/receive_block")
+@serves(Action.GOSSIP)
 def receive_block() -> Any:
-    outcome = current_node().network.receive_block(json_body(), sender())
-    if outcome == "invalid":
-        raise BadInput("the block does not pass this node's checks (shape, index, link, proof of work)")
-    return jsonify(outcome=outcome)
+    return jsonify(outcome=current_node().receive_block(json_body(), from_node()))
 
 
 @api.get("/health")
+@serves(Action.HEALTH)
 def health() -> Any:
-    node = current_node()
-    return jsonify(status="ok", port=node.config.port, role=node.config.role_name, length=len(node.blockchain),
-                   pending=node.blockchain.pending_count, peers=node.network.peers, ipfs_api=node.config.ipfs_api)
+    return jsonify(current_node().health())
 
 
 @api.get("/openapi.json")
+@serves(Action.DESCRIBE)
 def openapi() -> Any:
     return jsonify(openapi_spec.SPEC)
 
 
 @api.get("/docs")
+@serves(Action.DESCRIBE)
 def docs() -> Any:
     return Response(openapi_spec.docs_page(), mimetype="text/html")
 
@@ -264,17 +278,18 @@ def docs() -> Any:
 # -- access, limits and errors -------------------------------------------------
 
 @api.before_request
-def check_access() -> Any:
-    node, endpoint = current_node(), (request.endpoint or "").removeprefix("api.")
+def check_access() -> None:
+    node = current_node()
     g.started = time.perf_counter()
-    upload = endpoint == UPLOAD_ENDPOINT and request.mimetype == "multipart/form-data"
+    upload = request.endpoint == f"api.{UPLOAD_ENDPOINT}" and request.mimetype == "multipart/form-data"
     request.max_content_length = node.config.max_upload_bytes if upload else node.config.max_body_bytes
-    if node.config.api_key and endpoint != "health" and not _key_matches(node.config.api_key):
-        return error("this node needs an API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'", 401)
-    allowed = ROLE_ENDPOINTS.get(node.config.role_name)
-    if allowed is not None and endpoint not in allowed and endpoint not in ALWAYS_SERVED:
-        return error(f"a {node.config.role_name} node does not serve {endpoint}", 403)
-    return None
+    action = action_of(current_app.view_functions[request.endpoint]) if request.endpoint else None
+    if action is None:
+        return  # no such route: Flask answers 404 or 405
+    if node.config.api_key and needs_key(action) and not _key_matches(node.config.api_key):
+        raise Unauthorized("this node needs an API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+    if not may(node.config.role_name, action):
+        raise Forbidden(f"a {node.config.role_name} node does not serve {request.endpoint.removeprefix('api.')}")
 
 
 def _key_matches(key: str) -> bool:
@@ -283,15 +298,33 @@ def _key_matches(key: str) -> bool:
     return hmac.compare_digest(given.strip().encode(), key.encode())
 
 
+# The one place errors become HTTP statuses. The most specific class of the error wins, whatever the order here.
+ERROR_STATUS: dict[type[NodeError], int] = {
+    errors.BadInput: 400,
+    errors.Unauthorized: 401,
+    errors.Forbidden: 403,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.CryptoError: 400,
+    errors.StateDamaged: 503,
+    errors.Busy: 503,
+    errors.PeerError: 502,
+    errors.IpfsError: 502,
+    errors.IpfsUnreachable: 503,
+    errors.IpfsTimeout: 504,
+}
+
+
+def status_for(kind: type[BaseException]) -> int:
+    """The status of the nearest class in `kind`'s ancestry that the table names (500 if none)."""
+    for ancestor in kind.__mro__:
+        if ancestor in ERROR_STATUS:
+            return ERROR_STATUS[ancestor]
+    return 500
+
+
 def error(message: str, status: int) -> tuple[Response, int]:
     return jsonify(error=message), status
-
-
-ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
-    (crypto.OutputExistsError, 409), (crypto.CryptoError, 400),
-    (BadInput, 400), (PathRefused, 400), (PeerRefused, 400), (InvalidTransaction, 400),
-    (NotFound, 404), (Conflict, 409),
-)
 
 
 def handle_error(exc: Exception) -> tuple[Response, int]:
@@ -300,13 +333,11 @@ def handle_error(exc: Exception) -> tuple[Response, int]:
         if status == 405 and getattr(exc, "valid_methods", None):
             response.headers["Allow"] = ", ".join(exc.valid_methods)
         return response, status
-    if isinstance(exc, IpfsError):
-        return error(exc.message, exc.status)
-    for kind, status in ERROR_STATUS:
-        if isinstance(exc, kind):
-            return error(str(exc), status)
-    log.exception("unexpected error in %s %s", request.method, request.path)
-    return error(f"internal error ({type(exc).__name__}); the node's log has the details", 500)
+    status = status_for(type(exc))
+    if status == 500:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return error(f"internal error ({type(exc).__name__}); the node's log has the details", 500)
+    return error(str(exc), status)
 
 
 def _http_message(exc: HTTPException) -> str:
@@ -332,80 +363,27 @@ def log_request(response: Response) -> Response:
     return response
 
 
+def check_access_rules(app: Flask) -> None:
+    """Refuse to build an app with a route that does not say who may call it."""
+    unruled = sorted(name for name, view in app.view_functions.items() if action_of(view) is None)
+    if unruled:
+        raise RuntimeError(f"routes without an access rule (@serves): {', '.join(unruled)}")
+
+
 def create_app(config: Config | None = None, ipfs: IpfsClient | None = None) -> Flask:
     """An isolated node: its own chain, peers and data directory."""
     config = config or Config()
     app = Flask(__name__, static_folder=None)
     app.request_class = NodeRequest
-    app.extensions["emr_node"] = Node(config, ipfs)
     app.register_blueprint(api)
+    check_access_rules(app)
+    app.extensions["emr_node"] = Node(config, ipfs)
     app.register_error_handler(Exception, handle_error)
     app.after_request(log_request)
     return app
 
 
-# -- serving -------------------------------------------------------------------
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def _waitress_errors_as_json() -> None:
-    """waitress answers a few requests itself, before the app sees them (a body over its size limit, a
-    malformed request line), in plain text; make those {"error": ...} too, like every other answer."""
-    import waitress.utilities
-
-    def to_response(self: waitress.utilities.Error, ident: str | None = None) -> tuple[str, list, bytes]:
-        lead = TOO_LARGE if self.code == 413 else self.reason.lower()
-        body = json.dumps({"error": f"{lead} ({self.body})"}).encode()
-        return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
-
-    waitress.utilities.Error.to_response = to_response
-
-
-def serve(config: Config) -> None:
-    """Serve one node with waitress until SIGINT or SIGTERM."""
-    import waitress.server
-
-    if config.host not in LOOPBACK_HOSTS and not config.api_key:
-        raise SystemExit(f"error: refusing to listen on {config.host} without an API key; "
-                         f"set --api-key (EMR_API_KEY) or listen on 127.0.0.1")
-    app = create_app(config)
-    node: Node = app.extensions["emr_node"]
-    _waitress_errors_as_json()
-    # Threads started while the stop signals are blocked inherit the block, so SIGTERM and
-    # SIGINT reach the main thread and interrupt its select() at once, not a second later.
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    try:
-        server = waitress.server.create_server(
-            app, host=config.host, port=config.port, threads=config.threads, ident="emr-chain",
-            max_request_body_size=config.max_upload_bytes)
-        node.network.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
-    for stop_signal in stop_signals:
-        signal.signal(stop_signal, lambda *_: sys.exit(0))
-    threading.Thread(target=node.blockchain.start_mining_workers, name="mining-warm-up", daemon=True).start()
-    log.info("%s node on %s (chain of %d, IPFS API %s, data %s)", config.role_name, config.own_url,
-             len(node.blockchain), config.ipfs_api, config.data_path)
-    try:
-        server.run()
-    except (KeyboardInterrupt, SystemExit):
-        pass
-    finally:
-        node.close()
-        log.info("node on %s stopped", config.own_url)
-
-
-def main(argv: list[str] | None = None) -> None:
-    config = load_config(argv)
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [%(name)s :" + str(config.port) + "] %(message)s")
-    try:
-        serve(config)
-    except StateDamaged as exc:
-        raise SystemExit(f"error: {exc}") from None
-
-
 if __name__ == "__main__":
-    main()
+    import server
+
+    server.main()

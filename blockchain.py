@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import threading
-import time
 import uuid
-from concurrent.futures import Executor, ProcessPoolExecutor
 from datetime import datetime, timedelta
 from itertools import count
-from multiprocessing import get_context
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
+
+from errors import InvalidTransaction
 
 Block = dict[str, Any]
 Transaction = dict[str, Any]
@@ -45,10 +43,9 @@ TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 MAX_TEXT_LENGTH = 256
 MAX_TRANSACTIONS_PER_BLOCK = 10_000
 MAX_CLOCK_SKEW = timedelta(minutes=5)  # how far ahead of our clock a peer's block may be stamped
-# Nonces each mining process tries per task: large enough that process hand-off
-# costs little, small enough that the first hit is not overshot by much.
+# Nonces searched per call of search_nonces (and per task of a mining process): large enough that
+# a hand-off costs little, small enough that the first hit is not overshot by much.
 NONCES_PER_TASK = 20_000
-PARENT_CHECK_SECONDS = 1.0
 
 CID_V0 = re.compile(r"^Qm[1-9A-HJ-NP-Za-km-z]{44}$")
 CID_V1_BASE32 = re.compile(r"^b[a-z2-7]{58,}$")
@@ -62,10 +59,6 @@ class Receipt(NamedTuple):
     index: int  # the block the transaction is in, or will be in once mined
     transaction: Transaction  # as recorded, with its id
     new: bool  # False if the id was already known: nothing was added
-
-
-class InvalidTransaction(ValueError):
-    """A transaction does not have the required shape; the message names the field."""
 
 
 def hash_block(block: Block) -> str:
@@ -87,7 +80,7 @@ def content_proof_ok(block: Block, difficulty: int) -> bool:
     return hash_block(block).startswith("0" * difficulty)
 
 
-def _content_template(block: Block) -> tuple[bytes, bytes]:
+def content_template(block: Block) -> tuple[bytes, bytes]:
     """The block's canonical JSON split around its nonce, so a search only formats the number."""
     marker = "\x00nonce\x00"
     text = json.dumps({**block, "nonce": marker}, sort_keys=True)
@@ -113,37 +106,22 @@ def search_nonces(start: int, stop: int, difficulty: int, previous_nonce: int | 
     return None
 
 
-def proof_of_work(previous_nonce: int, difficulty: int, *, block: Block | None = None,
-                  executor: Executor | None = None, workers: int = 1) -> int:
-    """The smallest positive nonce that passes the proof.
+def proof_of_work(previous_nonce: int, difficulty: int, *, block: Block | None = None) -> int:
+    """The smallest positive nonce that passes the proof, searched in this process.
 
-    Paper proof when `block` is None, else the content proof over `block`. With an
-    executor, consecutive ranges are searched in parallel and taken in order, so the
-    answer is the same smallest nonce a single loop finds.
+    Paper proof when `block` is None, else the content proof over `block`.
+    (mining.Miner finds the same nonce on several processes.)
     """
-    template = _content_template(block) if block is not None else None
-    if executor is None or workers <= 1:
-        for start in count(1, NONCES_PER_TASK):
-            found = search_nonces(start, start + NONCES_PER_TASK, difficulty, previous_nonce, template)
-            if found is not None:
-                return found
-    in_flight = []
-    starts = count(1, NONCES_PER_TASK)
-    try:
-        for _ in range(2 * workers):
-            start = next(starts)
-            in_flight.append(executor.submit(search_nonces, start, start + NONCES_PER_TASK,
-                                             difficulty, previous_nonce, template))
-        while True:
-            found = in_flight.pop(0).result()
-            if found is not None:
-                return found
-            start = next(starts)
-            in_flight.append(executor.submit(search_nonces, start, start + NONCES_PER_TASK,
-                                             difficulty, previous_nonce, template))
-    finally:
-        for future in in_flight:
-            future.cancel()
+    template = content_template(block) if block is not None else None
+    for start in count(1, NONCES_PER_TASK):
+        found = search_nonces(start, start + NONCES_PER_TASK, difficulty, previous_nonce, template)
+        if found is not None:
+            return found
+    raise AssertionError("unreachable: count() never ends")
+
+
+# How a Blockchain finds a nonce: (previous nonce, difficulty, block for the content proof or None) -> nonce.
+NonceSearch = Callable[..., int]
 
 
 def make_genesis(timestamp: str) -> Block:
@@ -198,14 +176,13 @@ class Blockchain:
     """One node's chain and pending transactions."""
 
     def __init__(self, difficulty: int = 4, genesis_timestamp: str = PAPER_GENESIS_TIMESTAMP,
-                 pow_mode: str = "paper", mining_workers: int = 1) -> None:
+                 pow_mode: str = "paper", search: NonceSearch = proof_of_work) -> None:
         if pow_mode not in ("paper", "content"):
             raise ValueError("pow_mode must be 'paper' or 'content'")
         self.difficulty = difficulty
         self.pow_mode = pow_mode
         self.genesis = make_genesis(genesis_timestamp)
-        self.mining_workers = mining_workers
-        self._executor: ProcessPoolExecutor | None = None
+        self.search = search
         self._lock = threading.RLock()
         self._mine_lock = threading.Lock()
         self._chain: list[Block] = [self.genesis]
@@ -230,11 +207,6 @@ class Blockchain:
     @property
     def pending_count(self) -> int:
         return len(self._pending)
-
-    @property
-    def last_block(self) -> Block:
-        with self._lock:
-            return self._chain[-1]
 
     def __len__(self) -> int:
         with self._lock:
@@ -305,9 +277,6 @@ class Blockchain:
             return "the nonce does not pass the proof of work"
         return None
 
-    def is_chain_valid(self, chain: list[Block] | None = None) -> bool:
-        return self.chain_problem(self.chain if chain is None else chain) is None
-
     # -- changing ------------------------------------------------------------
 
     def add_transaction(self, tx: Transaction) -> Receipt:
@@ -342,33 +311,9 @@ class Blockchain:
                     return block
 
     def _search(self, block: Block, previous: Block) -> int:
-        executor = self._get_executor()
         if self.pow_mode == "content":
-            return proof_of_work(previous["nonce"], self.difficulty, block=block,
-                                 executor=executor, workers=self.mining_workers)
-        return proof_of_work(previous["nonce"], self.difficulty, executor=executor, workers=self.mining_workers)
-
-    def _get_executor(self) -> ProcessPoolExecutor | None:
-        if self.mining_workers <= 1:
-            return None
-        with self._lock:
-            if self._executor is None:
-                # spawn, not fork: the node is multi-threaded, and a forked child could inherit held locks
-                self._executor = ProcessPoolExecutor(self.mining_workers, mp_context=get_context("spawn"),
-                                                     initializer=_exit_with_parent, initargs=(os.getpid(),))
-            return self._executor
-
-    def start_mining_workers(self) -> None:
-        """Start the mining processes now, so the first mine_block does not wait for them to spawn."""
-        executor = self._get_executor()
-        if executor is not None:
-            for future in [executor.submit(search_nonces, 1, 2, 1, 1, None) for _ in range(self.mining_workers)]:
-                future.result()
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(cancel_futures=True)
-            self._executor = None
+            return self.search(previous["nonce"], self.difficulty, block=block)
+        return self.search(previous["nonce"], self.difficulty)
 
     def _append(self, block: Block) -> None:
         """Append a checked block; caller holds the lock."""
@@ -456,16 +401,6 @@ class Blockchain:
             self._load(chain)
             for tx in pending:
                 self.add_transaction(tx)
-
-
-def _exit_with_parent(parent: int) -> None:
-    """In a mining process: end when the node that started it is gone (killed, not closed)."""
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_CHECK_SECONDS)
-        os._exit(0)
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 def block_shape_problem(block: Any) -> str | None:

@@ -15,27 +15,19 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from blockchain import PAPER_GENESIS_TIMESTAMP
+from policy import canonical_role
 
 ENV_PREFIX = "EMR_"
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 
 
-# Endpoints each role's node serves. A role not listed here serves everything
-# (an operator-defined role is trusted until it is given a row).
-# Health, documentation and the node-to-node endpoints are always served.
-READ_ENDPOINTS = ("get_chain", "is_valid", "get_file_hash", "replace_chain")
-FETCH_ENDPOINTS = ("get_file", "download_file", "decrypt_file")
-WRITE_ENDPOINTS = ("create_hash", "add_transaction", "mine_block", "encrypt_file")
-NETWORK_ENDPOINTS = ("connect_node",)
-ALWAYS_SERVED = ("health", "openapi", "docs", "receive_block", "receive_transaction")
-ROLE_ENDPOINTS: dict[str, tuple[str, ...]] = {
-    "patient": READ_ENDPOINTS + FETCH_ENDPOINTS + WRITE_ENDPOINTS + NETWORK_ENDPOINTS,
-    "healthcare_authority": READ_ENDPOINTS + FETCH_ENDPOINTS + NETWORK_ENDPOINTS + ("mine_block",),
-    "healthcare_provider": READ_ENDPOINTS + FETCH_ENDPOINTS + NETWORK_ENDPOINTS + ("mine_block",),
-}
-ROLE_ALIASES = {"healthcare": "healthcare_authority", "authority": "healthcare_authority",
-                "provider": "healthcare_provider", "doctor": "healthcare_provider"}
+DEFAULT_IPFS_API = "http://127.0.0.1:5001"
+DEFAULT_IPFS_TIMEOUT = 120.0
+DEFAULT_IPFS_LOOKUP_TIMEOUT = 5.0
+# Names and addresses of this machine's loopback: a node may listen on them without an API key.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::")  # listening on every address, loopback included
 
 
 def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
@@ -48,7 +40,7 @@ class Config:
 
     host: str = _setting("127.0.0.1", "address the node listens on; a non-loopback address needs --api-key")
     port: int = _setting(5002, "port the node listens on (paper: 5002 patient, 5003 healthcare authority)")
-    role: str = _setting("patient", "this node's role; see ROLE_ENDPOINTS in config.py for what each serves")
+    role: str = _setting("patient", "this node's role; see ROLE_ACTIONS in policy.py for what each may do")
     public_url: str = _setting("", "URL other nodes use to reach this one (default http://HOST:PORT)")
     data_dir: str = _setting("", "folder for this node's files (default data/node-PORT); file paths are confined to it")
     difficulty: int = _setting(4, "leading zeros the proof of work needs (the paper uses 4)")
@@ -57,9 +49,9 @@ class Config:
                              choices=("paper", "content"))
     mining_workers: int = _setting(0, "processes that search for the nonce (0: one per CPU core)")
     genesis_timestamp: str = _setting(PAPER_GENESIS_TIMESTAMP, "genesis block timestamp; the same on every node of a network")
-    ipfs_api: str = _setting("http://127.0.0.1:5001", "Kubo RPC API address")
-    ipfs_timeout: float = _setting(120.0, "seconds to wait for Kubo to answer an add or cat")
-    ipfs_lookup_timeout: float = _setting(5.0, "seconds to look for a CID before calling it unknown")
+    ipfs_api: str = _setting(DEFAULT_IPFS_API, "Kubo RPC API address")
+    ipfs_timeout: float = _setting(DEFAULT_IPFS_TIMEOUT, "seconds to wait for Kubo to answer an add or cat")
+    ipfs_lookup_timeout: float = _setting(DEFAULT_IPFS_LOOKUP_TIMEOUT, "seconds to look for a CID before calling it unknown")
     peers: str = _setting("", "comma-separated node URLs to connect to at start")
     peer_allow: str = _setting("127.0.0.0/8,::1/128,localhost", "comma-separated networks and host names peers may be on")
     peer_timeout: float = _setting(3.0, "seconds to wait for another node")
@@ -87,7 +79,7 @@ class Config:
 
     @property
     def role_name(self) -> str:
-        return ROLE_ALIASES.get(self.role, self.role)
+        return canonical_role(self.role)
 
     @property
     def peer_list(self) -> list[str]:

@@ -27,6 +27,8 @@ from typing import BinaryIO, Callable, Iterator, Optional, Union
 
 from Crypto.Cipher import AES
 
+from errors import (CryptoError, DamagedFileError, InvalidPasswordError, NotAesCryptError, OutputExistsError,
+                    TruncatedFileError, WrongPasswordError)
 from storage import written_atomically
 
 __version__ = "0.1.0"
@@ -69,42 +71,6 @@ StrPath = Union[str, "os.PathLike[str]"]
 Progress = Optional[Callable[[int, int], None]]
 
 
-class CryptoError(Exception):
-    """Base class; the message is one line naming the file, never the password."""
-
-    reason = "encryption failed"
-
-    def __init__(self, path: StrPath, reason: Optional[str] = None) -> None:
-        self.path = Path(path)
-        self.reason = reason or self.reason
-        super().__init__(f"{self.path}: {self.reason}")
-
-
-class WrongPasswordError(CryptoError):
-    reason = ("wrong password, or the file header is damaged "
-              "(the AES Crypt format cannot tell these apart)")
-
-
-class DamagedFileError(CryptoError):
-    reason = "file is damaged or was tampered with"
-
-
-class TruncatedFileError(CryptoError):
-    reason = "file is truncated"
-
-
-class NotAesCryptError(CryptoError):
-    reason = "not an AES Crypt file"
-
-
-class OutputExistsError(CryptoError):
-    reason = "output file already exists (use overwrite/--force to replace it)"
-
-
-class InvalidPasswordError(CryptoError, ValueError):
-    reason = f"password must be 1 to {MAX_PASSWORD_LENGTH} characters"
-
-
 def default_output(src: Path, encrypting: bool) -> Optional[Path]:
     """FILE -> FILE.aes, FILE.aes -> FILE; None when a name to decrypt to cannot be derived."""
     if encrypting:
@@ -130,7 +96,7 @@ def _encode_password(password: str, path: Path) -> bytes:
     except UnicodeEncodeError:
         raise InvalidPasswordError(path, "password is not valid Unicode text") from None
     if not encoded or len(encoded) // 2 > MAX_PASSWORD_LENGTH:
-        raise InvalidPasswordError(path)
+        raise InvalidPasswordError(path, f"password must be 1 to {MAX_PASSWORD_LENGTH} characters")
     return encoded
 
 

@@ -1,101 +1,117 @@
 """The one adapter between emr-chain and a Kubo (IPFS) daemon's RPC API.
 
-Built on ipfshttpclient, the client the paper's stack used. Its `connect()`
-refuses daemons newer than 0.8, so `ipfshttpclient.Client` is constructed
-directly; tests/test_ipfs.py pins every call used here against Kubo v0.43.
-Every failure becomes an `IpfsError` whose message says what to do.
+Uploads are encoded by ipfshttpclient's streaming multipart encoder, the
+library the paper's stack used. The calls themselves go through one keep-alive
+`requests` session per thread, for two reasons: ipfshttpclient 0.7.0's own
+client refuses daemons newer than 0.8 and has no switch to ignore proxy
+settings (its httpx backend cannot be told at all), and a hot path such as
+`cat` pays for each layer between the node and the daemon. tests/test_ipfs.py
+pins every call used here against the Kubo version the project installs.
+
+Every failure is one of the IpfsError classes of errors.py, whose message says
+what to do; which class is decided here, what status it becomes is app.py's.
 """
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 from urllib.parse import urlsplit
 
-import ipfshttpclient
-from ipfshttpclient import exceptions as ipfs_errors
+import requests
+from ipfshttpclient import multipart
+
+from config import DEFAULT_IPFS_API, DEFAULT_IPFS_LOOKUP_TIMEOUT, DEFAULT_IPFS_TIMEOUT
+from errors import IpfsError, IpfsRefused, IpfsTimeout, IpfsUnknownCid, IpfsUnreachable
 
 STREAM_CHUNK_BYTES = 1024 * 1024
 CONNECT_TIMEOUT_SECONDS = 3.0
+CONTENT_LENGTH_HEADER = "X-Content-Length"  # Kubo's cat announces the file's size here
 START_HINT = "start it with 'make kubo-start' (scripts/kubo.sh start) or point EMR_IPFS_API at a running daemon"
+# Kubo answers every failure with HTTP 500 and {"Message", "Code": 0}: its message is all there is to go by.
+UNKNOWN_CONTENT = ("context deadline exceeded", "not found", "could not find")
+MALFORMED_REQUEST = ("invalid", "decode", "unsupported", "is a directory", "does not have enough components")
 
 
-class IpfsError(Exception):
-    """An IPFS operation failed. `status` is the HTTP status the node should answer with."""
-
-    def __init__(self, message: str, status: int = 502) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-
-
-def api_multiaddr(api_url: str) -> str:
-    """"http://127.0.0.1:5001" -> "/ip4/127.0.0.1/tcp/5001/http" (a multiaddr passes through)."""
+def api_base_url(api_url: str) -> str:
+    """"http://127.0.0.1:5001" or "/ip4/127.0.0.1/tcp/5001/http" -> "http://127.0.0.1:5001/api/v0/"."""
     if api_url.startswith("/"):
-        return api_url
+        parts = api_url.strip("/").split("/")
+        if len(parts) < 4 or parts[0] not in ("ip4", "ip6", "dns", "dns4", "dns6") or parts[2] != "tcp":
+            raise ValueError(f"IPFS API address must look like /ip4/127.0.0.1/tcp/5001, not {api_url!r}")
+        host = f"[{parts[1]}]" if parts[0] == "ip6" else parts[1]
+        scheme = parts[4] if len(parts) > 4 and parts[4] in ("http", "https") else "http"
+        return f"{scheme}://{host}:{parts[3]}/api/v0/"
     parts = urlsplit(api_url)
     if parts.scheme not in ("http", "https") or not parts.hostname or not parts.port:
         raise ValueError(f"IPFS API address must look like http://127.0.0.1:5001, not {api_url!r}")
-    family = "ip6" if ":" in parts.hostname else "ip4" if parts.hostname[0].isdigit() else "dns"
-    return f"/{family}/{parts.hostname}/tcp/{parts.port}/{parts.scheme}"
+    return f"{parts.scheme}://{parts.netloc}/api/v0/"
 
 
 class IpfsClient:
-    def __init__(self, api_url: str = "http://127.0.0.1:5001", timeout: float = 120.0,
-                 lookup_timeout: float = 5.0) -> None:
+    def __init__(self, api_url: str = DEFAULT_IPFS_API, timeout: float = DEFAULT_IPFS_TIMEOUT,
+                 lookup_timeout: float = DEFAULT_IPFS_LOOKUP_TIMEOUT) -> None:
         self.api_url = api_url
         self.lookup_timeout = lookup_timeout
-        self._address = api_multiaddr(api_url)
+        self._base = api_base_url(api_url)
         self._timeout = (CONNECT_TIMEOUT_SECONDS, timeout)
         self._local = threading.local()
 
     @property
-    def _client(self) -> ipfshttpclient.Client:
-        """This thread's client, keeping its connection to the daemon open between calls.
+    def _session(self) -> requests.Session:
+        """This thread's session, keeping its connection to the daemon open between calls."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # the daemon is the operator's, never behind a proxy
+            self._local.session = session
+        return session
 
-        Without a session ipfshttpclient opens a connection, and re-reads the proxy settings, on
-        every call: that tripled the cost of a small add or cat.
-        """
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = ipfshttpclient.Client(self._address, timeout=self._timeout, chunk_size=STREAM_CHUNK_BYTES,
-                                           session=True)
-            # ipfshttpclient 0.7.0 has no switch for this: the daemon is local, never behind a proxy.
-            client._client._session.trust_env = False
-            self._local.client = client
-        return client
-
-    def _call(self, what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+    def _post(self, what: str, command: str, *, stream: bool = False, **kwargs: Any) -> requests.Response:
+        """POST to one RPC command; its failures as IpfsError subclasses."""
         try:
-            return function(*args, **kwargs)
-        except ipfs_errors.ConnectionError as exc:
-            raise IpfsError(f"the IPFS daemon is not reachable at {self.api_url}; {START_HINT}", 503) from exc
-        except ipfs_errors.ProtocolError as exc:
-            raise IpfsError(f"the IPFS API at {self.api_url} broke off or answered something unexpected during "
-                            f"{what}; if the daemon stopped, {START_HINT}", 503) from exc
-        except ipfs_errors.TimeoutError as exc:
-            raise IpfsError(f"the IPFS daemon at {self.api_url} did not answer {what} in time", 504) from exc
-        except ipfs_errors.ErrorResponse as exc:
-            raise self._classify(what, str(exc)) from exc
-        except ipfs_errors.Error as exc:
-            raise IpfsError(f"IPFS {what} failed: {exc}", 502) from exc
+            response = self._session.post(self._base + command, timeout=self._timeout, stream=stream, **kwargs)
+        except requests.Timeout as exc:
+            raise IpfsTimeout(f"the IPFS daemon at {self.api_url} did not answer {what} in time") from exc
+        except requests.ConnectionError as exc:
+            raise IpfsUnreachable(f"the IPFS daemon is not reachable at {self.api_url}, or broke off during "
+                                  f"{what}; {START_HINT}") from exc
+        except requests.RequestException as exc:
+            raise IpfsError(f"IPFS {what} failed: {exc}") from exc
+        if response.status_code != 200:
+            raise self._failure(what, response)
+        return response
 
-    def _classify(self, what: str, message: str) -> IpfsError:
+    def _failure(self, what: str, response: requests.Response) -> IpfsError:
+        try:
+            message = str(response.json()["Message"])
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {response.status_code} {response.text[:200].strip()}"
+        finally:
+            response.close()
         lowered = message.lower()
-        if "context deadline exceeded" in lowered or "not found" in lowered or "block was not found locally" in lowered:
-            return IpfsError(f"{what}: no IPFS node reachable from {self.api_url} had it within "
-                             f"{self.lookup_timeout:g}s ({message})", 404)
-        if "invalid" in lowered or "decode" in lowered or "unsupported" in lowered:
-            return IpfsError(f"{what}: Kubo refused it: {message}", 400)
-        return IpfsError(f"IPFS {what} failed: {message}", 502)
+        if any(sign in lowered for sign in UNKNOWN_CONTENT):
+            return IpfsUnknownCid(f"{what}: no IPFS node reachable from {self.api_url} had it within "
+                                  f"{self.lookup_timeout:g}s ({message})")
+        if any(sign in lowered for sign in MALFORMED_REQUEST):
+            return IpfsRefused(f"{what}: Kubo refused it: {message}")
+        return IpfsError(f"IPFS {what} failed: {message}")
+
+    def _json(self, what: str, command: str, **kwargs: Any) -> dict[str, Any]:
+        response = self._post(what, command, **kwargs)
+        try:
+            return response.json()
+        except ValueError:
+            raise IpfsError(f"IPFS {what}: the daemon at {self.api_url} answered something that is not JSON") from None
 
     # -- the daemon ----------------------------------------------------------
 
     def version(self) -> str:
-        return self._call("version", self._client.version)["Version"]
+        return self._json("version", "version")["Version"]
 
     def peer_id(self) -> str:
-        return self._call("id", self._client.id)["ID"]
+        return self._json("id", "id")["ID"]
 
     # -- content -------------------------------------------------------------
 
@@ -104,38 +120,63 @@ class IpfsClient:
 
         `source` is a path, or an object with read() and a `name` to add it under.
         """
-        result = self._call("add", self._client.add, str(source) if isinstance(source, Path) else source)
-        return {"Hash": result["Hash"], "Name": result["Name"], "Size": result["Size"]}
+        body, headers = multipart.stream_files(str(source) if isinstance(source, Path) else source,
+                                               chunk_size=STREAM_CHUNK_BYTES)
+        response = self._post("add", "add", data=body, headers=headers)
+        lines = [line for line in response.text.splitlines() if line.strip()]
+        try:
+            result = json.loads(lines[-1])
+            return {"Hash": result["Hash"], "Name": result["Name"], "Size": result["Size"]}
+        except (IndexError, ValueError, KeyError, TypeError):
+            raise IpfsError(f"IPFS add: the daemon at {self.api_url} answered without a hash") from None
 
-    def stat(self, cid: str) -> dict[str, int]:
+    def stat(self, cid: str) -> dict[str, Any]:
         """Sizes of a CID: Size (file bytes) and CumulativeSize (what Kubo's add reports as Size).
 
-        Bounded by the lookup timeout: a CID no reachable node has fails with 404.
+        Bounded by the lookup timeout: a CID no reachable node has raises IpfsUnknownCid.
         """
-        result = self._call(f"lookup of {cid}", self._client.files.stat, f"/ipfs/{cid}",
-                            opts={"timeout": f"{self.lookup_timeout:g}s"})
+        result = self._json(f"lookup of {cid}", "files/stat",
+                            params={"arg": f"/ipfs/{cid}", "timeout": f"{self.lookup_timeout:g}s"})
         return {"Size": int(result["Size"]), "CumulativeSize": int(result["CumulativeSize"]),
                 "Type": result.get("Type", "")}
 
     def open(self, cid: str) -> tuple[int, Iterator[bytes]]:
         """(size in bytes, the bytes streamed in STREAM_CHUNK_BYTES pieces) of a file.
 
-        Looked up first, within the lookup timeout, so an unknown CID fails fast with 404
-        instead of holding a transfer open.
+        Content this daemon holds is served at once (an offline cat, one call). Otherwise the CID is
+        looked up first, within the lookup timeout, so an unknown CID fails fast instead of holding a
+        transfer open.
         """
-        stat = self.stat(cid)
-        if stat["Type"] not in ("file", ""):
-            raise IpfsError(f"{cid} is a directory, not a file", 400)
-        chunks = self._call(f"cat of {cid}", self._client.cat, cid, stream=True)
-        return stat["Size"], self._rechunked(f"cat of {cid}", iter(chunks))
+        what = f"cat of {cid}"
+        try:
+            response = self._post(what, "cat", stream=True, params={"arg": cid, "offline": "true"})
+        except IpfsUnknownCid:
+            if self.stat(cid)["Type"] not in ("file", ""):
+                raise IpfsRefused(f"{cid} is a directory, not a file") from None
+            response = self._post(what, "cat", stream=True, params={"arg": cid})
+        try:
+            size = int(response.headers[CONTENT_LENGTH_HEADER])
+        except (KeyError, ValueError):
+            response.close()
+            raise IpfsError(f"IPFS {what}: the daemon did not say how large the file is") from None
+        return size, self._checked(what, response, size)
 
-    def _rechunked(self, what: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        """Kubo's stream arrives in pieces of a few KiB; pass it on in large ones, and its faults as IpfsError."""
-        buffer = bytearray()
-        while (chunk := self._call(what, next, chunks, None)) is not None:
-            buffer += chunk
-            if len(buffer) >= STREAM_CHUNK_BYTES:
-                yield bytes(buffer)
-                buffer.clear()
-        if buffer:
-            yield bytes(buffer)
+    def _checked(self, what: str, response: requests.Response, size: int) -> Iterator[bytes]:
+        """The body in large pieces; a transfer that ends short (Kubo reports failures in a trailer) raises."""
+        received = 0
+        try:
+            chunks = response.iter_content(STREAM_CHUNK_BYTES)
+            while True:
+                try:
+                    chunk = next(chunks, None)
+                except requests.RequestException as exc:
+                    raise IpfsUnreachable(f"the IPFS daemon at {self.api_url} broke off during {what}; "
+                                          f"if it stopped, {START_HINT}") from exc
+                if chunk is None:
+                    break
+                received += len(chunk)
+                yield chunk
+        finally:
+            response.close()
+        if received != size:
+            raise IpfsError(f"IPFS {what} ended after {received} of {size} bytes")

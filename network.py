@@ -25,23 +25,14 @@ from urllib.parse import urlsplit
 import requests
 
 from blockchain import Block, Blockchain, Receipt, Transaction
-from config import Config, split_list
+from config import LOOPBACK_HOSTS, WILDCARD_HOSTS, Config, split_list
+from errors import PeerError, PeerRefused
 
 log = logging.getLogger("emr.network")
 
 NODE_HEADER = "X-EMR-Node"  # the calling node's own URL, on node-to-node requests
 OUTBOX_LIMIT = 10_000
 READ_CHUNK_BYTES = 64 * 1024
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "0.0.0.0", "::")
-
-
-class PeerRefused(ValueError):
-    """A peer address the operator did not allow, or not a node URL at all."""
-
-
-class PeerError(Exception):
-    """A peer could not be reached or answered something unusable."""
-
 
 def peer_netloc(url: Any, allowed: list[str]) -> tuple[str, str]:
     """Check a peer URL against the allowed networks and names; return (netloc, base URL)."""
@@ -139,7 +130,7 @@ class Network:
     @staticmethod
     def _netlocs_of_self(config: Config) -> set[str]:
         own = {urlsplit(config.own_url).netloc, f"{config.host}:{config.port}"}
-        if config.host in LOOPBACK_NAMES:
+        if config.host in LOOPBACK_HOSTS + WILDCARD_HOSTS:
             own |= {f"{name}:{config.port}" for name in ("localhost", "127.0.0.1", "[::1]")}
         return own
 

@@ -1,6 +1,8 @@
 """One emr-chain node: its chain, its peers, its IPFS daemon and its data directory.
 
-The Flask routes in app.py each call one method here; nothing here knows HTTP.
+`Node` is the only door into a node. The Flask routes in app.py each call one
+public method here and shape its answer; a notebook or a test can call the same
+methods. Nothing here knows HTTP: failures are the errors of errors.py.
 """
 from __future__ import annotations
 
@@ -13,32 +15,21 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 import crypto
-from blockchain import Blockchain, InvalidTransaction, Transaction, is_cid
+from blockchain import Block, Blockchain, Receipt, Transaction, is_cid
 from config import Config
-from ipfs_client import IpfsClient, IpfsError
-from network import Network, PeerRefused
+from errors import BadInput, Conflict, InvalidBlock, IpfsError, NodeError, NotFound, StateDamaged
+from ipfs_client import IpfsClient
+from mining import Miner
+from network import NODE_HEADER, Network
 from storage import confine_path, safe_file_name, write_json_atomically, written_atomically
+
+__all__ = ["NODE_HEADER", "Node"]
 
 log = logging.getLogger("emr.node")
 
 STATE_FILE = "state.json"
 SIZE_CACHE_ENTRIES = 100_000
-
-
-class StateDamaged(Exception):
-    """The saved state cannot be loaded; the node must not start as if it were empty."""
-
-
-class BadInput(ValueError):
-    """A request value of the wrong form; the message names the field."""
-
-
-class Conflict(Exception):
-    """The request would overwrite something; the message says how to proceed."""
-
-
-class NotFound(Exception):
-    """Nothing matches the request."""
+CONNECT_EXAMPLE = '["http://127.0.0.1:5003"]'
 
 
 @dataclass
@@ -55,8 +46,9 @@ class NamedUpload:
 class Node:
     def __init__(self, config: Config, ipfs: IpfsClient | None = None) -> None:
         self.config = config
-        workers = config.mining_workers or os.cpu_count() or 1
-        self.blockchain = Blockchain(config.difficulty, config.genesis_timestamp, config.pow_mode, workers)
+        self.miner = Miner(config.mining_workers or os.cpu_count() or 1)
+        self.blockchain = Blockchain(config.difficulty, config.genesis_timestamp, config.pow_mode,
+                                     self.miner.proof_of_work)
         self.network = Network(self.blockchain, config)
         self.ipfs = ipfs or IpfsClient(config.ipfs_api, config.ipfs_timeout, config.ipfs_lookup_timeout)
         self.data_dir = config.data_path
@@ -70,11 +62,69 @@ class Node:
         self._saved_version: tuple[int, int] | None = None
         if config.persist:
             self._restore()
-            self.network.on_change = self.save_state
+            self.network.on_change = self._save_state
+
+    # -- the chain -----------------------------------------------------------
+
+    def chain(self) -> list[Block]:
+        return self.blockchain.chain
+
+    def chain_problem(self) -> str | None:
+        """Why this node's own chain is not valid, or None if it is."""
+        return self.blockchain.chain_problem(self.blockchain.chain)
+
+    def add_transaction(self, fields: Any) -> Receipt:
+        """Record a transaction a client sent; it is gossiped to every peer."""
+        return self.network.add_transaction(fields)
+
+    def receive_transaction(self, tx: Any, from_node: str | None = None) -> Receipt:
+        """A transaction a peer gossiped (it carries the id its first node gave it)."""
+        if not isinstance(tx, dict) or "id" not in tx:
+            raise BadInput("'id' is required on a transaction from another node")
+        return self.network.add_transaction(tx, sender=self.network.sender_netloc(from_node))
+
+    def mine_block(self) -> Block:
+        return self.network.mine_block()
+
+    def receive_block(self, block: Any, from_node: str | None = None) -> str:
+        """A block a peer mined: "appended", "known" or "behind" (then we sync with that peer)."""
+        outcome = self.network.receive_block(block, self.network.sender_netloc(from_node))
+        if outcome == "invalid":
+            raise InvalidBlock("the block does not pass this node's checks (shape, index, link, proof of work)")
+        return outcome
+
+    # -- peers ---------------------------------------------------------------
+
+    def connect(self, urls: Any, from_node: str | None = None) -> tuple[list[str], list[str]]:
+        """Add peers: (every peer, ignored entries). A node announcing itself is not told back."""
+        if not isinstance(urls, list) or not urls:
+            raise BadInput(f"'nodes' must be a non-empty list of node URLs, e.g. {CONNECT_EXAMPLE}")
+        return self.network.connect(urls, announce=self.network.sender_netloc(from_node) is None)
+
+    def sync(self) -> tuple[bool, list[Block], dict[str, str]]:
+        """Adopt the best valid chain among the peers: (replaced, our chain now, a verdict per peer)."""
+        replaced, report = self.network.sync()
+        return replaced, self.blockchain.chain, report
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "port": self.config.port, "role": self.config.role_name,
+                "length": len(self.blockchain), "pending": self.blockchain.pending_count,
+                "peers": self.network.peers, "ipfs_api": self.config.ipfs_api}
+
+    # -- life cycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect to the configured peers, keep syncing, and start the mining processes in the background."""
+        self.network.start()
+        threading.Thread(target=self.miner.warm_up, name="mining-warm-up", daemon=True).start()
+
+    def close(self) -> None:
+        self.network.stop()
+        self.miner.close()
 
     # -- persistence ---------------------------------------------------------
 
-    def save_state(self) -> None:
+    def _save_state(self) -> None:
         """Write chain, pending transactions and peers; atomically, and before the change is acknowledged."""
         with self._save_lock:
             version = (self.blockchain.version, self.network.version)
@@ -93,7 +143,7 @@ class Node:
             peers = state["peers"]
             if not isinstance(peers, list):
                 raise ValueError("peers is not a list")
-        except (ValueError, KeyError, TypeError, InvalidTransaction, PeerRefused) as exc:
+        except (ValueError, KeyError, TypeError, NodeError) as exc:
             raise StateDamaged(
                 f"the saved state {self.state_path} cannot be used ({type(exc).__name__}: {exc}). It may be damaged, "
                 f"or from a network with other settings (genesis, difficulty, proof of work). Nothing was changed: "
@@ -104,17 +154,10 @@ class Node:
         log.info("restored a chain of %d blocks, %d pending transactions and %d peers from %s",
                  len(self.blockchain), len(self.blockchain.pending), len(peers), self.state_path)
 
-    def close(self) -> None:
-        self.network.stop()
-        self.blockchain.close()
-
     # -- IPFS ----------------------------------------------------------------
 
     def create_hash(self, file_path: Any) -> dict[str, str]:
-        path = confine_path(self.data_dir, file_path)
-        if not path.is_file():
-            raise NotFound(f"no file at '{file_path}' in the node's data directory ({self.data_dir})")
-        return self.ipfs.add_file(path)
+        return self.ipfs.add_file(self._existing(file_path))
 
     def create_hash_from_upload(self, stream: IO[bytes], filename: str) -> dict[str, str]:
         return self.ipfs.add_file(NamedUpload(stream, safe_file_name(filename, "upload")))  # type: ignore[arg-type]
@@ -202,7 +245,7 @@ class Node:
     def _existing(self, file_path: Any) -> Path:
         path = confine_path(self.data_dir, file_path)
         if not path.is_file():
-            raise NotFound(f"no file at '{file_path}' in the node's data directory ({self.data_dir})")
+            raise NotFound(f"no file at '{file_path}' in the node's data directory")
         return path
 
     def _crypt(self, operation: Any, source: Path, target: Path, password: str, overwrite: bool) -> tuple[str, int]:

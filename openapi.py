@@ -9,12 +9,12 @@ import html
 import json
 from typing import Any
 
-from blockchain import CID_V0, MAX_TEXT_LENGTH
+from blockchain import CID_V0, CID_V1_BASE32, MAX_TEXT_LENGTH
 
 VERSION = "1.0.0"
 TEXT_PATTERN = r"^[^\x00-\x1f]*[^\x00-\x1f\s][^\x00-\x1f]*$"  # printable, not only spaces
 FILE_NAME_PATTERN = r"^[^\x00-\x1f/\\]*[^\x00-\x1f\s/\\][^\x00-\x1f/\\]*$"
-CID_PATTERN = f"({CID_V0.pattern})|(^b[a-z2-7]{{58,}}$)"
+CID_PATTERN = f"({CID_V0.pattern})|({CID_V1_BASE32.pattern})"
 JSON = "application/json"
 
 

@@ -13,12 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from errors import PathRefused
+
 MAX_PATH_LENGTH = 1024
 MAX_NAME_BYTES = 255
-
-
-class PathRefused(ValueError):
-    """A user-supplied path or name that the node will not touch; the message says why."""
 
 
 def confine_path(base: Path, user_path: Any, field: str = "file_path") -> Path:
@@ -38,7 +36,7 @@ def confine_path(base: Path, user_path: Any, field: str = "file_path") -> Path:
     root = base.resolve()
     resolved = (root / user_path).resolve()
     if resolved != root and not resolved.is_relative_to(root):
-        raise PathRefused(f"'{field}' must stay inside the node's data directory ({root})")
+        raise PathRefused(f"'{field}' must stay inside the node's data directory")
     return resolved
 
 

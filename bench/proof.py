@@ -24,19 +24,19 @@ def paper_proof_of_work(previous_proof: int, difficulty: int) -> int:
     return new_proof
 
 
-def _pool_cpu(blockchain: Any) -> float:
-    executor = getattr(blockchain, "_executor", None)
+def _pool_cpu(miner: Any) -> float:
+    executor = getattr(miner, "_executor", None)
     processes = getattr(executor, "_processes", None) or {}
     return sum(cpu_seconds(pid) or 0.0 for pid in list(processes))
 
 
 def run(ctx: Any) -> dict[str, Any]:
-    from blockchain import Blockchain, proof_of_work
+    from blockchain import proof_of_work
 
     args = ctx.args
     difficulty, rounds, workers = args.pow_difficulty, args.pow_rounds, 2
     log(f"item 4: proof of work at difficulty {difficulty}, {rounds} previous nonces, mining_workers={workers}")
-    chain = Blockchain(difficulty=1, mining_workers=workers)
+    chain, miner = mining_chain(workers)
     try:
         started = time.perf_counter()
         chain.mine_block()  # starts the process pool: reported apart
@@ -44,7 +44,7 @@ def run(ctx: Any) -> dict[str, Any]:
         chain.difficulty = difficulty
         rows = []
         for number in range(rounds):
-            previous = chain.last_block["nonce"]
+            previous = chain.chain[-1]["nonce"]
             timings: dict[str, tuple[int, float]] = {}
             order = ["node", "plain", "node-1-process"]
             order = order[number % 3:] + order[:number % 3]
@@ -52,9 +52,9 @@ def run(ctx: Any) -> dict[str, Any]:
             for side in order:
                 started = time.perf_counter()
                 if side == "node":
-                    cpu_before = _pool_cpu(chain)
+                    cpu_before = _pool_cpu(miner)
                     nonce = chain.mine_block()["nonce"]
-                    pool_cpu = _pool_cpu(chain) - cpu_before
+                    pool_cpu = _pool_cpu(miner) - cpu_before
                 elif side == "plain":
                     nonce = paper_proof_of_work(previous, difficulty)
                 else:
@@ -68,9 +68,9 @@ def run(ctx: Any) -> dict[str, Any]:
             rows.append(row)
             log(f"  previous {previous}: nonce {timings['node'][0]}, node {timings['node'][1]:.2f} s, "
                 f"plain {timings['plain'][1]:.2f} s, speedup {row['speedup']:.2f}")
-        consecutive = mining_latency(Blockchain, args.mine_blocks)
+        consecutive = mining_latency(args.mine_blocks)
     finally:
-        chain.close()
+        miner.close()
     nonces = sum(row["node_nonce"] for row in rows)
 
     def rate(side: str) -> float:
@@ -91,17 +91,26 @@ def run(ctx: Any) -> dict[str, Any]:
             "speedup": speedup, "speedup_per_round": summarize(r["speedup"] for r in rows),
             "same_nonce": same, "mine_block_difficulty_4_ms": consecutive, "goals": goals,
             "notes": ["Hashes/s = the nonce found / seconds (every nonce up to the answer is tried).",
-                      "In-process: blockchain.Blockchain(mining_workers=2).mine_block(), the node's own path and "
+                      "In-process: blockchain.Blockchain with a mining.Miner(workers=2), the node's own path and "
                       "process pool, started before timing; the plain loop and the node's 1-process search run "
                       "in the bench process itself.",
                       "node_pool_cpu_s: CPU the two mining processes used for that block (more than the plain "
                       "loop's time means work past the answer)."]}
 
 
-def mining_latency(blockchain_class: Any, blocks: int) -> dict[str, Any]:
+def mining_chain(workers: int) -> tuple[Any, Any]:
+    """A chain at difficulty 1 that mines as a node does, with its Miner of `workers` processes."""
+    from blockchain import Blockchain
+    from mining import Miner
+
+    miner = Miner(workers)
+    return Blockchain(difficulty=1, search=miner.proof_of_work), miner
+
+
+def mining_latency(blocks: int) -> dict[str, Any]:
     """Consecutive mine_block calls at difficulty 4, 2 processes vs 1, in alternating stretches of 5."""
-    chains = {"mining_workers=1": blockchain_class(difficulty=1, mining_workers=1),
-              "mining_workers=2": blockchain_class(difficulty=1, mining_workers=2)}
+    setups = {"mining_workers=1": mining_chain(1), "mining_workers=2": mining_chain(2)}
+    chains = {name: chain for name, (chain, _) in setups.items()}
     samples: dict[str, list[float]] = {name: [] for name in chains}
     try:
         for chain in chains.values():
@@ -116,6 +125,6 @@ def mining_latency(blockchain_class: Any, blocks: int) -> dict[str, Any]:
                     chains[name].mine_block()
                     samples[name].append(time.perf_counter() - started)
     finally:
-        for chain in chains.values():
-            chain.close()
+        for _, miner in setups.values():
+            miner.close()
     return {name: summarize(values, 1000) for name, values in samples.items()}

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from config import ROLE_ENDPOINTS
+from policy import ROLE_ACTIONS
 from conftest import paper_transaction
 from scripts.cluster import ROOT, free_port
 
@@ -32,7 +32,7 @@ def test_patient_node_serves_every_endpoint_of_the_workflow(client) -> None:
 
 
 def test_operator_defined_role_has_its_own_row_or_serves_everything(make_client) -> None:
-    assert "patient" in ROLE_ENDPOINTS and "healthcare_authority" in ROLE_ENDPOINTS
+    assert "patient" in ROLE_ACTIONS and "healthcare_authority" in ROLE_ACTIONS
     insurer = make_client(role="insurer")
     assert insurer.post("/add_transaction", json=paper_transaction()).status_code == 201
 

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import PAPER_HASH, paper_transaction
-from scripts.cluster import Kubo
-from ipfs_client import IpfsClient, IpfsError
+from scripts.cluster import ROOT, Kubo, free_port
+from errors import IpfsUnknownCid
+from ipfs_client import IpfsClient
 
 MIB = 1024 * 1024
 SIZES = {"empty": 0, "one-byte": 1, "paper-mri-report": 63_795, "multi-chunk": 5 * MIB + 123}
@@ -150,7 +153,7 @@ def test_daemon_down_is_a_503_that_says_where_and_how_and_the_chain_still_serves
 
 
 def test_adapter_calls_work_against_this_kubo(kubo: Kubo, tmp_path: Path) -> None:
-    """Every ipfshttpclient call the adapter uses, on the Kubo version the project installs."""
+    """Every RPC call the adapter uses, on the Kubo version the project installs."""
     adapter = IpfsClient(kubo.api_url, lookup_timeout=2)
     assert adapter.version() == kubo.ipfs("version", "--number").strip()
     assert adapter.peer_id() == kubo.peer_id()
@@ -161,9 +164,8 @@ def test_adapter_calls_work_against_this_kubo(kubo: Kubo, tmp_path: Path) -> Non
     assert stat["Size"] == 300_000 and str(stat["CumulativeSize"]) == added["Size"]
     size, chunks = adapter.open(added["Hash"])
     assert size == 300_000 and b"".join(chunks) == path.read_bytes()
-    with pytest.raises(IpfsError) as unknown:
+    with pytest.raises(IpfsUnknownCid):
         adapter.stat(PAPER_HASH)
-    assert unknown.value.status == 404
 
 
 def test_repo_is_loopback_only_and_has_no_peers(kubo: Kubo) -> None:
@@ -177,6 +179,7 @@ def test_repo_is_loopback_only_and_has_no_peers(kubo: Kubo) -> None:
     assert kubo.swarm_peer_addresses() == []
 
 
+@pytest.mark.process
 def test_kubo_script_status_and_stop(tmp_path: Path) -> None:
     daemon = Kubo(tmp_path / "repo").start()
     try:
@@ -185,3 +188,23 @@ def test_kubo_script_status_and_stop(tmp_path: Path) -> None:
         daemon.stop()
     status = daemon.script("status", check=False)
     assert status.returncode != 0 and "not running" in status.stdout
+
+
+@pytest.mark.parametrize("backend", ["requests", "httpx"])
+def test_adapter_ignores_proxy_settings_whichever_http_backend_ipfshttpclient_prefers(kubo: Kubo, tmp_path: Path,
+                                                                                      backend: str) -> None:
+    """The daemon is local: a proxy in the environment, or ipfshttpclient's httpx switch, must change nothing."""
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "HTTP_PROXY": dead_proxy, "HTTPS_PROXY": dead_proxy, "ALL_PROXY": dead_proxy,
+           "http_proxy": dead_proxy, "NO_PROXY": "", "no_proxy": "",
+           "PY_IPFS_HTTP_CLIENT_PREFER_HTTPX": "yes" if backend == "httpx" else "no"}
+    program = ("import sys; from pathlib import Path; from ipfs_client import IpfsClient\n"
+               f"client = IpfsClient({kubo.api_url!r})\n"
+               "added = client.add_file(Path(sys.argv[1]))\n"
+               "size, chunks = client.open(added['Hash'])\n"
+               "sys.stdout.buffer.write(b''.join(chunks))\n")
+    (tmp_path / "scan.bin").write_bytes(b"through no proxy")
+    result = subprocess.run([sys.executable, "-c", program, str(tmp_path / "scan.bin")], env=env, cwd=ROOT,
+                            capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b"through no proxy"
