@@ -8,11 +8,12 @@ NEWMAN_VERSION := 6.2.2
 NEWMAN := .tools/npm/node_modules/.bin/newman
 PYTEST_ARGS ?=
 
-.PHONY: help install venv kubo newman test demo up down bench kubo-start kubo-stop kubo-status clean
+.PHONY: help install venv kubo newman test test-fast demo up down bench kubo-start kubo-stop kubo-status clean
 
 help:
 	@echo "make demo     run the paper's workflow across three nodes (installs what is missing)"
 	@echo "make test     run the whole test suite"
+	@echo "make test-fast  the in-process tests only (no Kubo, no node processes): seconds, for the edit-run loop"
 	@echo "make up       start Kubo and the three role nodes for Postman or curl; Ctrl-C stops them"
 	@echo "make down     stop nodes and Kubo daemons left running"
 	@echo "make bench    measure, and write bench/results/"
@@ -38,6 +39,9 @@ $(NEWMAN):
 
 test: venv kubo newman
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: venv kubo
 	scripts/demo.sh

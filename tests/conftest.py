@@ -15,6 +15,14 @@ from config import Config
 from scripts.cluster import Kubo, NodeProcess, free_port, node_args
 
 PAPER_HASH = "QmbWxSqxhZms74885xceSaiHVvdjqiVWrATtYUrrUnVE1K"
+# Fixtures that start real daemons or node processes: a test using one is "slow", left out of `make test-fast`.
+SLOW_FIXTURES = frozenset({"kubo", "ipfs_client", "spawn_node", "fuzzed_app"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) or item.get_closest_marker("process"):
+            item.add_marker(pytest.mark.slow)
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1) -> Any:

@@ -23,7 +23,7 @@ from scripts.cluster import _alive
 from scripts.lab import LAB_NETWORK, TOXIPROXY_SCRIPT, Lab, available, namespaces
 
 AVAILABLE, REASON = available()
-pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"lab tests skipped: {REASON}")
+pytestmark = [pytest.mark.process, pytest.mark.skipif(not AVAILABLE, reason=f"lab tests skipped: {REASON}")]
 
 
 def unique_prefix() -> str:
