@@ -7,7 +7,6 @@ in-process); `python app.py --port 5002 --role patient` serves one (see server.p
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import tempfile
 import time
@@ -24,6 +23,7 @@ from errors import BadInput, Forbidden, NodeError, Unauthorized
 from ipfs_client import IpfsClient
 from node import NODE_HEADER, Node
 from policy import Action, may, needs_key
+from wire import parse_json
 
 log = logging.getLogger("emr.app")
 api = Blueprint("api", __name__)
@@ -74,18 +74,9 @@ def json_body(*fields: str) -> dict[str, Any]:
     raw = request.get_data(cache=True)
     if not raw.strip():
         raise BadInput("the request body is empty; send a JSON object")
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise BadInput("the request body is not UTF-8 text") from None
-    except RecursionError:
-        raise BadInput("the JSON body is nested too deeply") from None
-    except ValueError as exc:
-        raise BadInput(f"the request body is not valid JSON ({exc})") from None
+    body = parse_json(raw, current_node().config.max_json_depth)
     if not isinstance(body, dict):
         raise BadInput("the request body must be a JSON object, e.g. {\"name\": \"MRI.pdf.aes\"}")
-    if _depth(body) > current_node().config.max_json_depth:
-        raise BadInput(f"the JSON body is nested deeper than {current_node().config.max_json_depth} levels")
     if fields:
         refuse_unknown(body, fields)
     return body
@@ -97,16 +88,6 @@ def refuse_unknown(received: Any, fields: tuple[str, ...]) -> None:
                      for key in set(received) - set(fields))
     if unknown:
         raise BadInput(f"unknown field(s): {', '.join(unknown)}; expected {', '.join(fields)}")
-
-
-def _depth(value: Any) -> int:
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        deepest = max(deepest, level)
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        stack.extend((child, level + 1) for child in children)
-    return deepest
 
 
 def text_field(body: dict[str, Any], name: str) -> str:
@@ -173,6 +154,24 @@ def connect_node() -> Any:
     if ignored:
         response["ignored"] = ignored
     return jsonify(response), 201
+
+
+@api.post("/remove_node")
+@serves(Action.CONNECT)
+def remove_node() -> Any:
+    peers, unknown = current_node().remove_peers(json_body("nodes").get("nodes"))
+    response = {"message": "The nodes were removed. The Blockchain now contains the following nodes:",
+                "total_nodes": peers}
+    if unknown:
+        response["not_peers"] = unknown
+    return jsonify(response)
+
+
+@api.get("/peers")
+@serves(Action.READ)
+def peers() -> Any:
+    found = current_node().peers()
+    return jsonify(peers=found, count=len(found))
 
 
 @api.get("/replace_chain")
@@ -249,6 +248,12 @@ def decrypt_file() -> Any:
 def receive_transaction() -> Any:
     receipt = current_node().receive_transaction(json_body(), from_node())
     return jsonify(index=receipt.index, new=receipt.new), 201 if receipt.new else 200
+
+
+@api.get("/blocks")
+@serves(Action.GOSSIP)
+def blocks() -> Any:
+    return jsonify(current_node().blocks(request.args.get("from", "1")))
 
 
 @api.post("/receive_block")

@@ -8,10 +8,18 @@ when known, the record's "file_name" and "file_size".
 Two proofs of work are offered:
 - "paper": the nonce n is the smallest positive integer for which
   sha256(str(n**2 - previous_nonce**2)) starts with DIFFICULTY zeros. It does
-  not cover the block's content: the newest block's transactions can change
-  unnoticed (every older block is still protected by the hash link after it).
+  not cover the block's content, and it depends only on the previous nonce:
+  anyone can edit old transactions, keep every nonce and recompute the hash
+  links for free. The fork choice below is what protects history in this mode.
 - "content": the block's own hash must start with DIFFICULTY zeros, so no
-  transaction of any block, the newest included, can change.
+  transaction of any block can change without mining that block and every
+  block after it again.
+
+Fork choice (the same in every mode): a chain that differs from ours anywhere
+but in its last block is adopted only if it is strictly longer; at equal
+length only a fork of the last block may win (the lower hash, so nodes that
+mined at the same moment converge). A reorganisation that would drop more
+than `finality_depth` of our blocks is refused: blocks that deep are final.
 
 `Blockchain` is thread-safe: every accepted transaction ends up in exactly
 one block, and concurrent mining never produces two blocks with one index.
@@ -27,7 +35,7 @@ from datetime import datetime, timedelta
 from itertools import count
 from typing import Any, Callable, Iterable, NamedTuple
 
-from errors import InvalidTransaction
+from errors import Busy, InvalidTransaction
 
 Block = dict[str, Any]
 Transaction = dict[str, Any]
@@ -42,6 +50,9 @@ OPTIONAL_TRANSACTION_KEYS = ("id", "file_name", "file_size")
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 MAX_TEXT_LENGTH = 256
 MAX_TRANSACTIONS_PER_BLOCK = 10_000
+MAX_INTEGER = 2**63 - 1  # nonces and indexes: far beyond any real chain, and always printable
+DEFAULT_FINALITY_DEPTH = 100
+DEFAULT_MAX_PENDING = 10_000
 MAX_CLOCK_SKEW = timedelta(minutes=5)  # how far ahead of our clock a peer's block may be stamped
 # Nonces searched per call of search_nonces (and per task of a mining process): large enough that
 # a hand-off costs little, small enough that the first hit is not overshot by much.
@@ -176,11 +187,14 @@ class Blockchain:
     """One node's chain and pending transactions."""
 
     def __init__(self, difficulty: int = 4, genesis_timestamp: str = PAPER_GENESIS_TIMESTAMP,
-                 pow_mode: str = "paper", search: NonceSearch = proof_of_work) -> None:
+                 pow_mode: str = "paper", search: NonceSearch = proof_of_work, *,
+                 finality_depth: int = DEFAULT_FINALITY_DEPTH, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         if pow_mode not in ("paper", "content"):
             raise ValueError("pow_mode must be 'paper' or 'content'")
         self.difficulty = difficulty
         self.pow_mode = pow_mode
+        self.finality_depth = finality_depth
+        self.max_pending = max_pending
         self.genesis = make_genesis(genesis_timestamp)
         self.search = search
         self._lock = threading.RLock()
@@ -290,6 +304,9 @@ class Blockchain:
         with self._lock:
             where = self.find_transaction(clean["id"])
             if where is None:
+                if len(self._pending) >= self.max_pending:
+                    raise Busy(f"this node already holds {self.max_pending} pending transactions (max_pending); "
+                               f"mine a block, or try again later")
                 self._pending[clean["id"]] = clean
                 self.version += 1
             return Receipt(where or len(self._chain) + 1, clean, where is None)
@@ -334,7 +351,7 @@ class Blockchain:
         """Take a block a peer announced.
 
         Returns "appended", "known" (we have it), "invalid", or "behind" (it does not
-        follow our last block: the caller should compare whole chains with that peer).
+        follow our last block: the caller should sync with that peer).
         """
         if block_shape_problem(block):
             return "invalid"
@@ -342,47 +359,114 @@ class Blockchain:
             last = self._chain[-1]
             if block["index"] <= last["index"]:
                 return "known" if self._chain[block["index"] - 1] == block else "behind"
-            if block["index"] > last["index"] + 1:
-                return "behind"
+            if block["index"] > last["index"] + 1 or block["previous_hash"] != hash_block(last):
+                return "behind"  # it extends blocks we do not hold: a fork, or we missed some
             if self.block_problem(block, last) or any(tx["id"] in self._tx_block for tx in block["transactions"]):
                 return "invalid"
             self._append(block)
             return "appended"
 
-    def prefers(self, candidate: list[Block]) -> bool:
-        """Fork choice: a longer chain wins; of two as long, the one with the lower last hash.
-
-        The tie-break makes nodes that mined at the same moment settle on one chain
-        without waiting for the next block.
-        """
+    def blocks_from(self, index: int, max_bytes: int) -> list[Block]:
+        """Our blocks from `index` on, as many as fit in about `max_bytes` of JSON (at least one)."""
         with self._lock:
-            if len(candidate) != len(self._chain):
-                return len(candidate) > len(self._chain)
-            return hash_block(candidate[-1]) < hash_block(self._chain[-1])
+            chain = self._chain
+        page, size = [], 0
+        for block in chain[max(index, GENESIS_INDEX) - 1:]:
+            size += len(json.dumps(block))
+            if page and size > max_bytes:
+                break
+            page.append(block)
+        return page
 
     def replace_chain(self, candidate: Any) -> tuple[bool, str]:
-        """Adopt `candidate` if it is valid and preferred (longest-valid-chain rule).
+        """Adopt a whole chain a peer holds, if the fork choice prefers it and it is valid.
 
-        Returns (replaced, why). Transactions of our pending list or of our dropped
-        blocks that the adopted chain does not hold stay pending: nothing is lost or
-        duplicated.
+        Returns (replaced, why). Only the blocks after the last one we share are checked:
+        our own are valid already.
         """
         if not isinstance(candidate, list) or not candidate or not isinstance(candidate[-1], dict):
             return False, "invalid: the chain is not a non-empty list of blocks"
-        if not self.prefers(candidate):
-            return False, f"a chain of length {len(candidate)} is not preferred over ours ({len(self)})"
-        problem = self.chain_problem(candidate)
-        if problem:
-            return False, f"invalid: {problem}"
-        with self._lock:
-            if not self.prefers(candidate):  # ours grew while the candidate was checked
-                return False, f"a chain of length {len(candidate)} is not preferred over ours ({len(self)})"
-            orphans = [tx for block in self._chain for tx in block["transactions"]] + self.pending
-            self._load(candidate)
-            for tx in orphans:
-                if tx["id"] not in self._tx_block:
-                    self._pending.setdefault(tx["id"], tx)
-            return True, f"adopted a chain of length {len(candidate)}"
+        if candidate[0] != self.genesis:
+            return False, "invalid: the genesis block differs from this network's"
+        ours = self.chain
+        shared = 1
+        while shared < min(len(ours), len(candidate)) and candidate[shared] == ours[shared]:
+            shared += 1
+        if shared == len(candidate):
+            return False, f"a chain of length {len(candidate)} is not preferred over ours ({len(ours)})"
+        return self.adopt(candidate[shared:])
+
+    def adopt(self, blocks: list[Any]) -> tuple[bool, str]:
+        """Take a peer's blocks from some index on, in place of ours from there, if the fork choice prefers
+        them and they are valid on top of the block of ours before them.
+
+        Returns (replaced, why); `why` starts with "invalid" when the blocks themselves are wrong, and
+        with "refused" when they are a reorganisation deeper than the finality depth. Transactions of our
+        pending list or of our dropped blocks that the new blocks do not hold stay pending: nothing is
+        lost or duplicated.
+        """
+        for block in blocks:
+            problem = block_shape_problem(block)
+            if problem:
+                return False, f"invalid: {problem}"
+        while True:
+            ours = self.chain
+            skip = 0
+            while skip < len(blocks) and blocks[skip]["index"] <= len(ours) and \
+                    ours[blocks[skip]["index"] - 1] == blocks[skip]:
+                skip += 1
+            new = blocks[skip:]
+            if not new:
+                return False, f"no block that we do not hold already (ours: {len(ours)})"
+            fork = new[0]["index"]
+            if fork < GENESIS_INDEX + 1 or fork > len(ours) + 1:
+                return False, f"invalid: the blocks start at index {fork}, which does not follow any block of ours"
+            verdict = self._fork_verdict(ours, fork, new)
+            if verdict:
+                return False, verdict
+            problem = self._blocks_problem(new, ours[fork - 2], fork)
+            if problem:
+                return False, f"invalid: {problem}"
+            with self._lock:
+                if self._chain != ours:
+                    continue  # we mined or took a block meanwhile: judge the fork again against that
+                dropped = self._chain[fork - 1:]
+                orphans = [tx for block in dropped for tx in block["transactions"]] + list(self._pending.values())
+                if dropped:
+                    self._load(self._chain[:fork - 1] + new)
+                else:
+                    for block in new:
+                        self._append(block)
+                for tx in orphans:
+                    if tx["id"] not in self._tx_block:
+                        self._pending.setdefault(tx["id"], tx)
+                return True, f"adopted a chain of length {fork - 1 + len(new)}" + (
+                    f", dropping our last {len(dropped)} block(s)" if dropped else "")
+
+    def _fork_verdict(self, ours: list[Block], fork: int, new: list[Block]) -> str | None:
+        """Why `new` (differing from `ours` from index `fork` on) is not preferred, or None if it is."""
+        length, dropped = fork - 1 + len(new), len(ours) - (fork - 1)
+        if length < len(ours) or (length == len(ours) and (
+                dropped != 1 or hash_block(new[-1]) >= hash_block(ours[-1]))):
+            return f"a chain of length {length} is not preferred over ours ({len(ours)})"
+        if dropped > self.finality_depth:
+            return (f"refused: it would drop our last {dropped} blocks, deeper than the finality depth "
+                    f"({self.finality_depth}); blocks that deep are final here")
+        return None
+
+    def _blocks_problem(self, blocks: list[Block], previous: Block, fork: int) -> str | None:
+        """Why `blocks` cannot follow `previous` (our block fork - 1), or None."""
+        seen: set[str] = set()
+        for block in blocks:
+            problem = self.block_problem(block, previous)
+            if problem:
+                return f"block {block['index']}: {problem}"
+            ids = {tx["id"] for tx in block["transactions"]}
+            if ids & seen or any(self._tx_block.get(tx_id, fork) < fork for tx_id in ids):
+                return f"block {block['index']}: repeats a transaction of an earlier block"
+            seen |= ids
+            previous = block
+        return None
 
     def _load(self, chain: list[Block]) -> None:
         """Make a checked chain ours, with its indexes; caller holds the lock."""
@@ -411,6 +495,8 @@ def block_shape_problem(block: Any) -> str | None:
         return "the index is not a positive integer"
     if type(block["nonce"]) is not int or block["nonce"] < 1:
         return "the nonce is not a positive integer"
+    if block["nonce"] > MAX_INTEGER or block["index"] > MAX_INTEGER:
+        return f"the index or nonce is larger than {MAX_INTEGER}"
     if not isinstance(block["previous_hash"], str) or not isinstance(block["timestamp"], str):
         return "previous_hash and timestamp must be strings"
     transactions = block["transactions"]

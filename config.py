@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from blockchain import PAPER_GENESIS_TIMESTAMP
+from blockchain import DEFAULT_FINALITY_DEPTH, DEFAULT_MAX_PENDING, PAPER_GENESIS_TIMESTAMP
 from policy import canonical_role
 
 ENV_PREFIX = "EMR_"
@@ -56,7 +56,18 @@ class Config:
     peer_allow: str = _setting("127.0.0.0/8,::1/128,localhost", "comma-separated networks and host names peers may be on")
     peer_timeout: float = _setting(3.0, "seconds to wait for another node")
     sync_interval: float = _setting(15.0, "seconds between background chain syncs with peers (0: off)")
-    max_peer_response_bytes: int = _setting(64 * MIB, "largest answer taken from a peer; larger ones are cut off and the peer skipped")
+    max_peer_response_bytes: int = _setting(16 * MIB, "largest answer taken from a peer; larger ones are cut off "
+                                                       "and count as a fault of that peer")
+    max_peers: int = _setting(32, "most peers a node keeps")
+    max_peer_faults: int = _setting(5, "misbehaviours in a row (answers too large, too slow, malformed or "
+                                       "invalid) after which a peer is dropped")
+    max_sync_bytes: int = _setting(32 * MIB, "most bytes of blocks taken from one peer in one sync round; a longer "
+                                             "chain is taken in several rounds")
+    sync_page_bytes: int = _setting(1 * MIB, "about how many bytes of blocks one answer to /blocks holds")
+    finality_depth: int = _setting(DEFAULT_FINALITY_DEPTH, "blocks a reorganisation may drop; deeper ones are "
+                                                           "refused and logged for an operator")
+    max_pending: int = _setting(DEFAULT_MAX_PENDING, "most pending transactions a node holds; more are refused "
+                                                     "with 503 until a block is mined")
     max_body_bytes: int = _setting(1 * MIB, "largest JSON request body")
     max_upload_bytes: int = _setting(2 * GIB, "largest file upload to create_hash")
     max_json_depth: int = _setting(32, "deepest nesting accepted in a JSON body")

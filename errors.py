@@ -72,6 +72,11 @@ class PeerError(NodeError):
     """A peer could not be reached, or answered something unusable."""
 
 
+class PeerMisbehaved(PeerError):
+    """A peer answered too much, too slowly, malformed or invalid: counted against it, and after repeated
+    faults it is dropped."""
+
+
 # -- IPFS ---------------------------------------------------------------------------
 
 class IpfsError(NodeError):

@@ -6,33 +6,41 @@
   it came from. Transactions carry an id and blocks an index, so a copy that
   comes round again is recognised and dropped: no echo loops, no duplicates.
 - consensus: a block that does not follow our last one, a periodic sync and
-  `replace_chain` all fall back to the longest-valid-chain rule (blockchain.py).
+  `replace_chain` fetch the peers' blocks from a little before our last one on
+  (`GET /blocks?from=N`, in pages of bounded size, so a chain of any length can
+  be joined) and apply the fork choice of blockchain.py.
 
 Each peer has an outbox thread, so a peer that is down or slow costs that peer's
-thread a bounded wait and a log line, never a request of ours.
+thread a bounded wait and a log line, never a request of ours. Everything a peer
+answers is read under one deadline and a size cap (wire.py). A peer that
+misbehaves (answers too much, too slowly, malformed or invalid) is skipped and
+counted; after `max_peer_faults` faults in a row it is dropped. A peer that is
+merely down is not counted: it catches up when it returns.
 """
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-import requests
-
-from blockchain import Block, Blockchain, Receipt, Transaction
+from blockchain import GENESIS_INDEX, Block, Blockchain, Receipt, Transaction, hash_block
 from config import LOOPBACK_HOSTS, WILDCARD_HOSTS, Config, split_list
-from errors import PeerError, PeerRefused
+from errors import BadInput, Busy, Conflict, PeerError, PeerMisbehaved, PeerRefused
+from wire import Limits, PeerClient
 
 log = logging.getLogger("emr.network")
 
 NODE_HEADER = "X-EMR-Node"  # the calling node's own URL, on node-to-node requests
 OUTBOX_LIMIT = 10_000
-READ_CHUNK_BYTES = 64 * 1024
+SYNC_THREADS = 8  # peers fetched at once in one sync
+SYNCS_AT_ONCE = 2  # syncs running at once (a request's and the background loop's); more wait for none: Busy
+SYNC_ROUND_DEADLINES = 10  # one sync with one peer takes at most this many peer timeouts, however many pages
 
 def peer_netloc(url: Any, allowed: list[str]) -> tuple[str, str]:
     """Check a peer URL against the allowed networks and names; return (netloc, base URL)."""
@@ -71,6 +79,23 @@ def _host_allowed(host: str, allowed: list[str]) -> bool:
     return False
 
 
+@dataclass
+class Peer:
+    """One peer: where it is, its outbox, and how it has behaved lately."""
+
+    netloc: str
+    base_url: str
+    outbox: "Outbox"
+    faults: int = 0  # misbehaviours in a row; reset by a good answer
+    last_error: str = ""
+    seen_length: int | None = None
+    refusal: str = ""  # the reorganisation of its we refuse, if any (logged once)
+
+    def describe(self) -> dict[str, Any]:
+        return {"peer": self.netloc, "url": self.base_url, "faults": self.faults, "last_error": self.last_error,
+                "length": self.seen_length, "queued": self.outbox.queue.qsize()}
+
+
 class Outbox:
     """Delivers one peer's messages in order, on its own thread."""
 
@@ -87,20 +112,24 @@ class Outbox:
             log.warning("outbox to %s is full; dropped %s (the peer catches up when it syncs)", self.netloc, path)
 
     def close(self) -> None:
-        self.queue.put(None)
+        try:
+            self.queue.put_nowait(None)
+        except queue.Full:
+            self.queue.get_nowait()
+            self.queue.put_nowait(None)
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
             path, body = item
             try:
-                response = self.network.session.post(self.base_url + path, json=body, timeout=self.network.timeout,
-                                                     headers=self.network.headers)
-                if response.status_code >= 400:
-                    log.warning("peer %s answered %s to %s: %.200s", self.netloc, response.status_code, path,
-                                response.text)
-            except requests.RequestException as exc:
-                log.warning("peer %s unreachable for %s (%s); it catches up when it syncs",
-                            self.netloc, path, type(exc).__name__)
+                status, answer = self.network.client.post_json(self.base_url + path, body)
+                if status >= 400:
+                    log.warning("peer %s answered %s to %s: %.200s", self.netloc, status, path,
+                                answer.decode("utf-8", "replace"))
+            except PeerMisbehaved as exc:
+                self.network.fault(self.netloc, f"{path}: {exc}")
+            except PeerError as exc:
+                log.warning("peer %s unreachable for %s (%s); it catches up when it syncs", self.netloc, path, exc)
 
 
 class Network:
@@ -110,19 +139,22 @@ class Network:
         self.blockchain = blockchain
         self.own_url = config.own_url
         self.allowed = split_list(config.peer_allow)
-        self.timeout = config.peer_timeout
-        self.max_response_bytes = config.max_peer_response_bytes
         self.sync_interval = config.sync_interval
         self.startup_peers = config.peer_list
-        self.headers = {NODE_HEADER: self.own_url}
+        self.max_peers = config.max_peers
+        self.max_peer_faults = config.max_peer_faults
+        self.max_sync_bytes = config.max_sync_bytes
+        self.round_seconds = config.peer_timeout * SYNC_ROUND_DEADLINES
+        headers = {NODE_HEADER: self.own_url}
         if config.api_key:
-            self.headers["X-API-Key"] = config.api_key
-        self.session = requests.Session()
-        self.session.trust_env = False  # peers are addresses the operator chose, never via a proxy
+            headers["X-API-Key"] = config.api_key
+        self.client = PeerClient(Limits(config.peer_timeout, config.max_peer_response_bytes, config.max_json_depth),
+                                 headers)
         self._own_netlocs = self._netlocs_of_self(config)
         self._lock = threading.Lock()
-        self._peers: dict[str, Outbox] = {}
+        self._peers: dict[str, Peer] = {}
         self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sync")
+        self._sync_slots = threading.BoundedSemaphore(SYNCS_AT_ONCE)
         self._stopped = threading.Event()
         self.version = 0  # grows when the peer list changes
         self.on_change: Callable[[], None] = lambda: None  # called after every change, before it is gossiped
@@ -142,7 +174,11 @@ class Network:
     @property
     def peer_urls(self) -> list[str]:
         with self._lock:
-            return [box.base_url for box in self._peers.values()]
+            return [peer.base_url for peer in self._peers.values()]
+
+    def describe_peers(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [peer.describe() for peer in self._peers.values()]
 
     # -- peers ---------------------------------------------------------------
 
@@ -153,14 +189,20 @@ class Network:
         announcing itself: one connect_node links two nodes exactly once. Either way we
         sync with every new peer in the background.
         """
+        if len(urls) > self.max_peers:
+            raise BadInput(f"at most {self.max_peers} nodes at once (max_peers)")
         checked = [peer_netloc(url, self.allowed) for url in urls]
         ignored, added = [], []
         with self._lock:
+            fresh = {netloc for netloc, _ in checked if netloc not in self._peers and netloc not in self._own_netlocs}
+            if len(self._peers) + len(fresh) > self.max_peers:
+                raise Conflict(f"this node has {len(self._peers)} peers and may have at most {self.max_peers} "
+                               f"(max_peers); remove some with /remove_node first")
             for netloc, base_url in checked:
                 if netloc in self._own_netlocs:
                     ignored.append(f"{netloc} (this node)")
                 elif netloc not in self._peers:
-                    self._peers[netloc] = Outbox(self, netloc, base_url)
+                    self._peers[netloc] = Peer(netloc, base_url, Outbox(self, netloc, base_url))
                     added.append(netloc)
             self.version += bool(added)
         if added:
@@ -168,9 +210,61 @@ class Network:
         for netloc in added:
             log.info("connected to peer %s", netloc)
             if announce:
-                self._peers[netloc].send("/connect_node", {"nodes": [self.own_url]})
+                self._peers[netloc].outbox.send("/connect_node", {"nodes": [self.own_url]})
             self._background.submit(self._quiet_sync, [netloc])
         return self.peers, ignored
+
+    def remove(self, urls: list[Any]) -> tuple[list[str], list[str]]:
+        """Forget peers; returns (peers left, entries that were not peers)."""
+        netlocs = [peer_netloc(url, self.allowed)[0] for url in urls]
+        unknown = []
+        with self._lock:
+            for netloc in netlocs:
+                peer = self._peers.pop(netloc, None)
+                if peer is None:
+                    unknown.append(netloc)
+                else:
+                    peer.outbox.close()
+            removed = len(netlocs) - len(unknown)
+            self.version += bool(removed)
+        if removed:
+            self.on_change()
+            log.info("removed peer(s) %s", ", ".join(sorted(set(netlocs) - set(unknown))))
+        return self.peers, unknown
+
+    def fault(self, netloc: str, why: str) -> None:
+        """Count a misbehaviour; drop the peer after max_peer_faults in a row."""
+        with self._lock:
+            peer = self._peers.get(netloc)
+            if peer is None:
+                return
+            peer.faults += 1
+            peer.last_error = why
+            dropped = peer.faults >= self.max_peer_faults
+            if dropped:
+                del self._peers[netloc]
+                peer.outbox.close()
+                self.version += 1
+        if dropped:
+            log.warning("dropped peer %s after %d faults in a row; the last: %s", netloc, self.max_peer_faults, why)
+            self.on_change()
+        else:
+            log.warning("peer %s misbehaved (%d in a row): %s", netloc, peer.faults, why)
+
+    def _behaved(self, netloc: str, length: int | None, refusal: str = "") -> None:
+        """A good answer: the fault count starts again. A refused reorganisation is no fault of the peer's,
+        but an operator must see it: it is logged once (until it changes) and kept as the peer's last error."""
+        with self._lock:
+            peer = self._peers.get(netloc)
+            if peer is None:
+                return
+            peer.faults, peer.seen_length = 0, length
+            repeated = refusal == peer.refusal
+            peer.refusal = refusal
+            if refusal:
+                peer.last_error = refusal
+        if refusal and not repeated:
+            log.warning("peer %s: %s", netloc, refusal)
 
     def sender_netloc(self, header_value: str | None) -> str | None:
         """The netloc of the node a request came from, if it said so and is allowed."""
@@ -185,7 +279,7 @@ class Network:
 
     def _gossip(self, path: str, body: Any, exclude: str | None = None) -> None:
         with self._lock:
-            outboxes = [box for netloc, box in self._peers.items() if netloc != exclude]
+            outboxes = [peer.outbox for netloc, peer in self._peers.items() if netloc != exclude]
         for box in outboxes:
             box.send(path, body)
 
@@ -213,61 +307,86 @@ class Network:
 
     # -- consensus -----------------------------------------------------------
 
-    def fetch_chain(self, netloc: str) -> list[Block]:
-        """A peer's chain, read with a timeout and a size cap; its claimed length is ignored."""
+    def sync(self, netlocs: list[str] | None = None, wait: bool = False) -> tuple[bool, dict[str, str]]:
+        """Take the best valid blocks among the peers; returns (replaced, a verdict per peer).
+
+        At most SYNCS_AT_ONCE syncs run at once. A request's sync that finds them all taken is refused
+        (Busy) rather than queued, so callers of replace_chain cannot tie up the node's threads behind
+        a slow peer; the background's (wait=True, at most two threads) waits its turn.
+        """
+        if not self._sync_slots.acquire(blocking=wait):
+            raise Busy("a sync with the peers is already running; try again in a few seconds")
+        try:
+            netlocs = self.peers if netlocs is None else netlocs
+            if not netlocs:
+                return False, {}
+            with ThreadPoolExecutor(max_workers=min(SYNC_THREADS, len(netlocs)),
+                                    thread_name_prefix="sync-peer") as pool:
+                verdicts = dict(zip(netlocs, pool.map(self._sync_with, netlocs)))
+        finally:
+            self._sync_slots.release()
+        replaced = any(adopted for adopted, _ in verdicts.values())
+        return replaced, {netloc: why for netloc, (_, why) in verdicts.items()}
+
+    def _sync_with(self, netloc: str) -> tuple[bool, str]:
+        """Fetch one peer's blocks from a little before our last one on, and offer them to the chain."""
         with self._lock:
-            box = self._peers.get(netloc)
-        base_url = box.base_url if box else f"http://{netloc}"
+            peer = self._peers.get(netloc)
+        base_url = peer.base_url if peer else f"http://{netloc}"
+        ours = self.blockchain.chain
+        start = max(GENESIS_INDEX + 1, len(ours) - self.blockchain.finality_depth + 1)
         try:
-            with self.session.get(base_url + "/get_chain", timeout=self.timeout, stream=True,
-                                  headers=self.headers) as response:
-                if response.status_code != 200:
-                    raise PeerError(f"answered HTTP {response.status_code}")
-                body = bytearray()
-                for chunk in response.iter_content(READ_CHUNK_BYTES):
-                    body += chunk
-                    if len(body) > self.max_response_bytes:
-                        raise PeerError(f"answer larger than {self.max_response_bytes} bytes")
-            chain = json.loads(body)["chain"]
-        except requests.RequestException as exc:
-            raise PeerError(f"unreachable ({type(exc).__name__})") from None
-        except (ValueError, KeyError, TypeError):
-            raise PeerError("did not answer with a JSON chain") from None
-        if not isinstance(chain, list):
-            raise PeerError("did not answer with a JSON chain")
-        return chain
-
-    def sync(self, netlocs: list[str] | None = None) -> tuple[bool, dict[str, str]]:
-        """Adopt the best valid chain among the peers; returns (replaced, a verdict per peer)."""
-        netlocs = self.peers if netlocs is None else netlocs
-        replaced, report = False, {}
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(netlocs)))) as pool:
-            fetched = dict(zip(netlocs, pool.map(self._try_fetch, netlocs)))
-        longest_first = sorted(fetched.items(), key=lambda item: len(item[1]) if isinstance(item[1], list) else 0,
-                               reverse=True)
-        for netloc, chain in longest_first:
-            if isinstance(chain, str):
-                report[netloc] = chain
-                continue
-            adopted, why = self.blockchain.replace_chain(chain)
-            if adopted:
-                self.on_change()
-            replaced |= adopted
-            report[netloc] = why
-            if adopted or why.startswith("invalid"):
-                log.log(logging.INFO if adopted else logging.WARNING, "peer %s: %s", netloc, why)
-        return replaced, report
-
-    def _try_fetch(self, netloc: str) -> list[Block] | str:
-        try:
-            return self.fetch_chain(netloc)
+            blocks, length = self._fetch_blocks(base_url, start, len(ours))
+        except PeerMisbehaved as exc:
+            self.fault(netloc, str(exc))
+            return False, f"skipped: {exc}"
         except PeerError as exc:
             log.warning("peer %s skipped: %s", netloc, exc)
-            return f"skipped: {exc}"
+            return False, f"skipped: {exc}"
+        if length < len(ours):
+            self._behaved(netloc, length)
+            return False, f"a chain of length {length} is not preferred over ours ({len(ours)})"
+        if blocks and start <= len(ours) and blocks[0] != ours[start - 1] and \
+                blocks[0].get("previous_hash") != hash_block(ours[start - 2]):
+            why = (f"refused: its chain parted from ours before block {start}, deeper than the finality depth "
+                   f"({self.blockchain.finality_depth}); an operator must decide which chain is right")
+            self._behaved(netloc, length, why)
+            return False, why
+        adopted, why = self.blockchain.adopt(blocks) if blocks else (False, f"holds no block from {start} on")
+        if why.startswith("invalid"):
+            self.fault(netloc, why)
+        else:
+            self._behaved(netloc, length, why if why.startswith("refused") else "")
+        if adopted:
+            self.on_change()
+            log.info("peer %s: %s", netloc, why)
+        return adopted, why
+
+    def _fetch_blocks(self, base_url: str, start: int, our_length: int) -> tuple[list[Block], int]:
+        """A peer's blocks from index `start` on, page by page, within max_sync_bytes and a time budget."""
+        blocks: list[Block] = []
+        fetched_bytes, deadline = 0, time.monotonic() + self.round_seconds
+        index = start
+        while True:
+            page, size = self.client.get_json(f"{base_url}/blocks?from={index}")
+            if not isinstance(page, dict) or not isinstance(page.get("blocks"), list) or \
+                    type(page.get("length")) is not int:
+                raise PeerMisbehaved("did not answer /blocks with {\"blocks\": [...], \"length\": N}")
+            length, got = page["length"], page["blocks"]
+            if any(not isinstance(block, dict) or block.get("index") != index + number
+                   for number, block in enumerate(got)):
+                raise PeerMisbehaved(f"answered /blocks?from={index} with blocks out of order")
+            if length < our_length:
+                return [], length  # shorter than ours: never preferred, so nothing more is fetched
+            blocks += got
+            index += len(got)
+            fetched_bytes += size
+            if not got or index > length or fetched_bytes > self.max_sync_bytes or time.monotonic() > deadline:
+                return blocks, length
 
     def _quiet_sync(self, netlocs: list[str] | None = None) -> None:
         try:
-            self.sync(netlocs)
+            self.sync(netlocs, wait=True)
         except Exception:  # a background sync must never kill its thread
             log.exception("background sync failed")
 
@@ -288,6 +407,6 @@ class Network:
     def stop(self) -> None:
         self._stopped.set()
         with self._lock:
-            for box in self._peers.values():
-                box.close()
+            for peer in self._peers.values():
+                peer.outbox.close()
         self._background.shutdown(wait=False, cancel_futures=True)

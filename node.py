@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ log = logging.getLogger("emr.node")
 STATE_FILE = "state.json"
 SIZE_CACHE_ENTRIES = 100_000
 CONNECT_EXAMPLE = '["http://127.0.0.1:5003"]'
+BLOCK_INDEX = re.compile(r"[0-9]{1,18}")
 
 
 @dataclass
@@ -48,7 +50,8 @@ class Node:
         self.config = config
         self.miner = Miner(config.mining_workers or os.cpu_count() or 1)
         self.blockchain = Blockchain(config.difficulty, config.genesis_timestamp, config.pow_mode,
-                                     self.miner.proof_of_work)
+                                     self.miner.proof_of_work, finality_depth=config.finality_depth,
+                                     max_pending=config.max_pending)
         self.network = Network(self.blockchain, config)
         self.ipfs = ipfs or IpfsClient(config.ipfs_api, config.ipfs_timeout, config.ipfs_lookup_timeout)
         self.data_dir = config.data_path
@@ -86,6 +89,15 @@ class Node:
     def mine_block(self) -> Block:
         return self.network.mine_block()
 
+    def blocks(self, from_index: Any) -> dict[str, Any]:
+        """A page of our blocks from `from_index` on (about sync_page_bytes of them), for a peer's sync."""
+        if isinstance(from_index, str) and BLOCK_INDEX.fullmatch(from_index):
+            from_index = int(from_index)
+        if type(from_index) is not int or from_index < 1:
+            raise BadInput("'from' must be a block index: a whole number from 1")
+        return {"from": from_index, "length": len(self.blockchain),
+                "blocks": self.blockchain.blocks_from(from_index, self.config.sync_page_bytes)}
+
     def receive_block(self, block: Any, from_node: str | None = None) -> str:
         """A block a peer mined: "appended", "known" or "behind" (then we sync with that peer)."""
         outcome = self.network.receive_block(block, self.network.sender_netloc(from_node))
@@ -100,6 +112,16 @@ class Node:
         if not isinstance(urls, list) or not urls:
             raise BadInput(f"'nodes' must be a non-empty list of node URLs, e.g. {CONNECT_EXAMPLE}")
         return self.network.connect(urls, announce=self.network.sender_netloc(from_node) is None)
+
+    def remove_peers(self, urls: Any) -> tuple[list[str], list[str]]:
+        """Forget peers: (peers left, entries that were not peers)."""
+        if not isinstance(urls, list) or not urls:
+            raise BadInput(f"'nodes' must be a non-empty list of node URLs, e.g. {CONNECT_EXAMPLE}")
+        return self.network.remove(urls)
+
+    def peers(self) -> list[dict[str, Any]]:
+        """Every peer with how it behaved lately: faults in a row, the last error, the length it had."""
+        return self.network.describe_peers()
 
     def sync(self) -> tuple[bool, list[Block], dict[str, str]]:
         """Adopt the best valid chain among the peers: (replaced, our chain now, a verdict per peer)."""

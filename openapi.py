@@ -78,10 +78,10 @@ ERRORS = {
     401: "an API key is needed (only when the node has one)",
     403: "this node's role does not serve the endpoint",
     404: "nothing found",
-    409: "the output exists; send overwrite: true",
+    409: "a conflict: the output exists (send overwrite: true), or the node has as many peers as it may keep",
     413: "the body is larger than the node accepts",
     502: "IPFS answered with an error",
-    503: "the IPFS daemon is not reachable",
+    503: "the IPFS daemon is not reachable, or the node is at a limit it keeps (pending transactions, a sync running)",
     504: "the IPFS daemon did not answer in time",
 }
 
@@ -120,6 +120,7 @@ _path_fields = {"file_path": _text("a path inside the node's data directory", ma
 _crypt_result = _object({"message": _message, "file_path": {"type": "string"}, "size": {"type": "integer"}},
                         ["message", "file_path", "size"])
 _ipfs_errors = (404, 502, 503, 504)
+_node_list = {"type": "array", "minItems": 1, "maxItems": 32, "items": {"type": "string", "format": "uri"}}
 
 PATHS: dict[str, Any] = {
     "/get_chain": {"get": _operation("The whole chain (Fig. 4d)", {200: _object(
@@ -133,8 +134,8 @@ PATHS: dict[str, Any] = {
                       ["message", "index", "id"]),
          200: _object({"message": _message, "index": {"type": "integer"}, "id": {"type": "string"}},
                       ["message", "index", "id"])},
-        body=_json_body(_ref("NewTransaction"), {"user_id": "xxxxx", "EHR_name": "MRI",
-                                                 "ipfs_hash": "QmbWxSqxhZms74885xceSaiHVvdjqiVWrATtYUrrUnVE1K"}),
+        503, body=_json_body(_ref("NewTransaction"), {"user_id": "xxxxx", "EHR_name": "MRI",
+                                                      "ipfs_hash": "QmbWxSqxhZms74885xceSaiHVvdjqiVWrATtYUrrUnVE1K"}),
         tag="chain")},
     "/is_valid": {"get": _operation("Whether this node's chain is valid", {200: _object(
         {"message": _message, "valid": {"type": "boolean"}}, ["message", "valid"])}, tag="chain")},
@@ -142,16 +143,33 @@ PATHS: dict[str, Any] = {
         "Connect peers; each new peer learns about this node too (Fig. 4a)",
         {201: _object({"message": _message, "total_nodes": {"type": "array", "items": {"type": "string"}},
                        "ignored": {"type": "array", "items": {"type": "string"}}}, ["message", "total_nodes"])},
-        body=_json_body(_object({"nodes": {"type": "array", "minItems": 1, "maxItems": 64,
-                                           "items": {"type": "string", "format": "uri"}}}, ["nodes"]),
-                        {"nodes": ["http://127.0.0.1:5003", "http://127.0.0.1:5004"]}),
+        409, body=_json_body(_object({"nodes": _node_list}, ["nodes"]),
+                             {"nodes": ["http://127.0.0.1:5003", "http://127.0.0.1:5004"]}),
         tag="network")},
+    "/remove_node": {"post": _operation(
+        "Forget peers (a misbehaving peer is also dropped by itself after repeated faults)",
+        {200: _object({"message": _message, "total_nodes": {"type": "array", "items": {"type": "string"}},
+                       "not_peers": {"type": "array", "items": {"type": "string"}}}, ["message", "total_nodes"])},
+        body=_json_body(_object({"nodes": _node_list}, ["nodes"]), {"nodes": ["http://127.0.0.1:5004"]}),
+        tag="network")},
+    "/peers": {"get": _operation(
+        "Every peer and how it behaved lately: faults in a row, the last error, the chain length it had",
+        {200: _object({"count": {"type": "integer"}, "peers": {"type": "array", "items": _object({
+            "peer": _message, "url": _message, "faults": {"type": "integer"}, "last_error": _message,
+            "length": {"type": ["integer", "null"]}, "queued": {"type": "integer"}},
+            ["peer", "url", "faults", "last_error", "length", "queued"])}}, ["count", "peers"])}, tag="network")},
+    "/blocks": {"get": _operation(
+        "Node to node: a page of blocks from index `from` on, for an incremental sync",
+        {200: _object({"from": {"type": "integer"}, "length": {"type": "integer"},
+                       "blocks": {"type": "array", "items": _ref("Block")}}, ["from", "length", "blocks"])},
+        parameters=[{"name": "from", "in": "query", "required": False,
+                     "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}}], tag="network")},
     "/replace_chain": {"get": _operation(
         "Adopt the longest valid chain among the peers", {200: _object(
             {"message": _message, "replaced": {"type": "boolean"}, "length": {"type": "integer"},
              "chain": {"type": "array", "items": _ref("Block")},
              "peers": {"type": "object", "additionalProperties": {"type": "string"}}},
-            ["message", "replaced", "chain", "length", "peers"])}, tag="network")},
+            ["message", "replaced", "chain", "length", "peers"])}, 503, tag="network")},
     "/create_hash": {"post": _operation(
         "Add a file to IPFS (Fig. 4b): a path in the data directory, or a multipart upload",
         {200: _object({"IPFS Hash": _ref("FileInfo")}, ["IPFS Hash"])}, *_ipfs_errors,
@@ -192,7 +210,7 @@ PATHS: dict[str, Any] = {
     "/receive_transaction": {"post": _operation(
         "Node to node: a transaction gossiped by a peer",
         {201: _object({"index": {"type": "integer"}, "new": {"type": "boolean"}}, ["index", "new"]),
-         200: _object({"index": {"type": "integer"}, "new": {"type": "boolean"}}, ["index", "new"])},
+         200: _object({"index": {"type": "integer"}, "new": {"type": "boolean"}}, ["index", "new"])}, 503,
         body=_json_body(SCHEMAS["Transaction"] | {"required": ["user_id", "ipfs_hash", "EHR_name", "id"]}),
         tag="network")},
     "/receive_block": {"post": _operation(

@@ -58,7 +58,9 @@ def resident_mib(node: NodeProcess) -> float:
 
 
 def test_stress_of_mixed_requests_loses_and_duplicates_nothing(spawn_node) -> None:
-    nodes = [spawn_node("patient", difficulty=3, threads=8) for _ in range(3)]
+    # Three nodes mining hundreds of blocks a minute on their own forks part further than the default finality
+    # depth within seconds; such reorganisations are refused by design (test_network.py), not what this run tests.
+    nodes = [spawn_node("patient", difficulty=3, threads=8, finality_depth=100_000) for _ in range(3)]
     nodes[0].post("/connect_node", {"nodes": [nodes[1].url, nodes[2].url]})
     nodes[1].post("/connect_node", {"nodes": [nodes[2].url]})
     acknowledged: list[str] = []
@@ -95,6 +97,9 @@ def test_stress_of_mixed_requests_loses_and_duplicates_nothing(spawn_node) -> No
         chains = [node.chain() for node in nodes]
         return chains[0] if all(chain == chains[0] for chain in chains) else None
 
+    # Equal-length forks deeper than their last block never win a tie: one more block settles them.
+    nodes[0].get("/replace_chain")
+    nodes[0].get("/mine_block")
     wait_until(converged, timeout=60, interval=0.5)
     wait_until(lambda: len({node.get("/health").json()["pending"] for node in nodes}) == 1, timeout=30)
     nodes[0].get("/mine_block")  # the pending rest (transactions gossiped but not yet mined) into one block

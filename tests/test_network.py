@@ -84,6 +84,9 @@ def test_two_nodes_mining_at_once_converge_without_losing_or_duplicating(spawn_n
             miner.start()
         for miner in miners:
             miner.join()
+    # Forks of equal length that differ deeper than their last block never win a tie (no free rewrites):
+    # the node that mines next is strictly longer, and the other takes its chain.
+    left.get("/mine_block")
     wait_until(lambda: same_chain(left, right), timeout=20)
     left.get("/mine_block")  # whatever a lost fork put back to pending goes into this block
     chain = wait_until(lambda: same_chain(left, right), timeout=20)
@@ -109,10 +112,12 @@ def test_killed_node_catches_up_when_restarted(spawn_node) -> None:
 # -- peers that misbehave (a tiny HTTP server stands in for them) ---------------
 
 class FakePeer:
-    """Answers /get_chain with whatever a test sets: an invalid chain, garbage, or nothing for a while."""
+    """Answers /get_chain and /blocks with whatever a test sets: an invalid chain, garbage, or nothing for a while."""
 
     def __init__(self) -> None:
         self.body: bytes = b"{}"
+        self.chain: list[dict[str, Any]] | None = None
+        self.claimed_length: int | None = None
         self.delay = 0.0
         fake = self
 
@@ -123,7 +128,7 @@ class FakePeer:
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
                 try:
-                    self.wfile.write(fake.body)
+                    self.wfile.write(fake.answer(self.path))
                 except OSError:
                     pass
 
@@ -144,7 +149,17 @@ class FakePeer:
         return f"http://127.0.0.1:{self.port}"
 
     def serve_chain(self, chain: list[dict[str, Any]], claimed_length: int | None = None) -> None:
-        self.body = json.dumps({"chain": chain, "length": claimed_length or len(chain)}).encode()
+        self.chain, self.claimed_length = chain, claimed_length
+
+    def answer(self, path: str) -> bytes:
+        """A served chain as a node would give it (whole, or a page of /blocks); else the raw body."""
+        if self.chain is None:
+            return self.body
+        length = self.claimed_length or len(self.chain)
+        if path.startswith("/blocks"):
+            start = int(path.split("from=", 1)[1]) if "from=" in path else 1
+            return json.dumps({"from": start, "length": length, "blocks": self.chain[start - 1:]}).encode()
+        return json.dumps({"chain": self.chain, "length": length}).encode()
 
 
 @pytest.fixture
