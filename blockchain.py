@@ -26,6 +26,8 @@ one block, and concurrent mining never produces two blocks with one index.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import re
@@ -59,6 +61,10 @@ MAX_CLOCK_SKEW = timedelta(minutes=5)  # how far ahead of our clock a peer's blo
 NONCES_PER_TASK = 20_000
 
 CID_V0 = re.compile(r"^Qm[1-9A-HJ-NP-Za-km-z]{44}$")
+BASE58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+SHA2_256_PREFIX = b"\x12\x20"  # multihash: sha2-256, 32 bytes
+CID_V0_BYTES = 34
+MAX_VARINT_BITS = 63
 CID_V1_BASE32 = re.compile(r"^b[a-z2-7]{58,}$")
 TRANSACTION_ID = re.compile(r"^[0-9a-f]{32}$")
 FILE_SIZE = re.compile(r"^[0-9]{1,19}$")
@@ -77,9 +83,49 @@ def hash_block(block: Block) -> str:
     return hashlib.sha256(json.dumps(block, sort_keys=True).encode()).hexdigest()
 
 
+def _base58_decode(text: str) -> bytes:
+    number = 0
+    for char in text:
+        number = number * 58 + BASE58_ALPHABET.index(char)
+    leading = len(text) - len(text.lstrip(BASE58_ALPHABET[0]))
+    return bytes(leading) + number.to_bytes((number.bit_length() + 7) // 8, "big")
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """(value, next position) of the unsigned varint at `at`; raises IndexError or ValueError if malformed."""
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+        if shift > MAX_VARINT_BITS:
+            raise ValueError("varint too long")
+
+
 def is_cid(value: str) -> bool:
-    """A CIDv0 (Qm..., base58btc) or a CIDv1 in Kubo's default base32 text form."""
-    return bool(CID_V0.fullmatch(value) or CID_V1_BASE32.fullmatch(value))
+    """A well-formed CIDv0 (Qm..., base58btc sha2-256) or CIDv1 in Kubo's default base32 text form.
+
+    The text is decoded and its multihash checked (the digest as long as it says), so a string that only
+    looks like a CID is refused here as bad input rather than by Kubo.
+    """
+    if CID_V0.fullmatch(value):
+        decoded = _base58_decode(value)
+        return len(decoded) == CID_V0_BYTES and decoded.startswith(SHA2_256_PREFIX)
+    if not CID_V1_BASE32.fullmatch(value):
+        return False
+    body = value[1:].upper()
+    try:
+        data = base64.b32decode(body + "=" * (-len(body) % 8))
+        version, at = _varint(data, 0)
+        _, at = _varint(data, at)  # the content codec
+        _, at = _varint(data, at)  # the hash function
+        length, at = _varint(data, at)
+    except (ValueError, IndexError, binascii.Error):
+        return False
+    return version == 1 and length == len(data) - at and length > 0
 
 
 def paper_proof_ok(nonce: int, previous_nonce: int, difficulty: int) -> bool:
