@@ -303,6 +303,15 @@ def _connect(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(path, timeout=LOCK_WAIT_SECONDS, isolation_level=None, check_same_thread=False)
 
 
+def _use_wal(path: Path, conn: sqlite3.Connection) -> None:
+    """Write-ahead log, fsync'd at every commit: a commit is one append to the log, durable when it returns."""
+    (mode,), = conn.execute("PRAGMA journal_mode=WAL")
+    if mode != "wal":
+        raise StoreError(f"the store {path} cannot use SQLite's write-ahead log here (journal mode {mode!r}); "
+                         f"put the data directory on a local file system.")
+    conn.execute("PRAGMA synchronous=FULL")
+
+
 def _new_temp_file(path: Path) -> Path:
     """An empty owner-only file beside `path`, for building a store before it gets its name."""
     try:
@@ -319,8 +328,7 @@ def _initialise(path: Path, network: dict[str, str]) -> None:
     """Write the schema, version and network into the empty file at `path`, durably."""
     conn = _connect(path)
     try:
-        conn.execute("PRAGMA journal_mode=WAL")  # persistent: recorded in the file's header
-        conn.execute("PRAGMA synchronous=FULL")
+        _use_wal(path, conn)  # persistent: recorded in the file's header
         conn.execute("BEGIN IMMEDIATE")
         for statement in SCHEMA.strip().split(";\n"):
             conn.execute(statement)
@@ -370,8 +378,7 @@ def _open_checked(path: Path, network: dict[str, str]) -> sqlite3.Connection:
         raise StoreError(f"the store {path} cannot be opened ({exc}). {MOVE_ASIDE}") from None
     try:
         _check_contents(path, conn, network)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+        _use_wal(path, conn)
     except sqlite3.Error as exc:
         conn.close()
         if "locked" in str(exc):
