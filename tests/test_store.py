@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import sqlite3
 import stat
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -22,9 +24,11 @@ from store import SCHEMA_VERSION, Store, StoreError, legacy_state_file, migrate_
 
 ROOT = Path(__file__).resolve().parent.parent
 NETWORK = {"genesis": PAPER_GENESIS_TIMESTAMP, "difficulty": "4", "pow_mode": "paper", "security": "paper"}
-ACKNOWLEDGED_BEFORE_KILL = 400
-BLOCK_EVERY = 7  # the burst mines a block after this many transactions
+ACKNOWLEDGED_BEFORE_KILL = 300
+BLOCK_EVERY = 25  # the burst mines a block after this many transactions
+KILLS = 3  # bursts, each killed and continued from what was saved
 BURST_TIMEOUT = 60
+KILL_JITTER = 0.05  # seconds the burst may run on after the acknowledgements the test waited for
 MINER_PAUSE = 0.001  # seconds between the concurrent test's blocks
 
 
@@ -179,8 +183,10 @@ from pathlib import Path
 from store import Store
 path, network, block_every = Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
 store = Store(path, network)
-store.append_block({"index": 1, "transactions": []})
-index, waiting = 1, []
+state = store.load()  # after a kill: go on from what was saved, as a restarted node does
+if not state.chain:
+    store.append_block({"index": 1, "transactions": []})
+index, waiting = state.chain[-1]["index"] if state.chain else 1, state.pending
 while True:
     tx = {"user_id": "xxxxx", "ipfs_hash": "QmbWxSqxhZms74885xceSaiHVvdjqiVWrATtYUrrUnVE1K", "EHR_name": "MRI",
           "id": uuid.uuid4().hex}
@@ -194,7 +200,8 @@ while True:
 """
 
 
-def test_every_acknowledged_transaction_survives_kill_9(path: Path) -> None:
+def burst_until_killed(path: Path) -> list[str]:
+    """Run the burst, kill -9 it mid-way; the ids it acknowledged."""
     burst = subprocess.Popen([sys.executable, "-c", BURST, str(path), json.dumps(NETWORK), str(BLOCK_EVERY)],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                              text=True)
@@ -205,17 +212,24 @@ def test_every_acknowledged_transaction_survives_kill_9(path: Path) -> None:
             line = burst.stdout.readline()
             assert line, f"the burst ended early: {burst.stderr.read() if burst.stderr else ''}"
             acknowledged.append(line.strip())
+        time.sleep(random.uniform(0, KILL_JITTER))  # let it run on, so the kill lands anywhere in its work
         burst.send_signal(signal.SIGKILL)
         rest = burst.stdout.read()
     finally:
         burst.kill()
         burst.wait(BURST_TIMEOUT)
     assert burst.returncode == -signal.SIGKILL  # it was killed mid-burst, not finished
-    acknowledged += [line for line in rest.split("\n")[:-1]]  # a line cut short by the kill was not acknowledged
-    with Store(path, NETWORK) as store:
-        stored = ids_of(store.load())
-    assert {tx_id: stored[tx_id] for tx_id in acknowledged} == {tx_id: 1 for tx_id in acknowledged}
-    assert max(stored.values()) == 1
+    return acknowledged + rest.split("\n")[:-1]  # a line cut short by the kill was not acknowledged
+
+
+def test_every_acknowledged_transaction_survives_kill_9(path: Path) -> None:
+    acknowledged: list[str] = []
+    for _ in range(KILLS):
+        acknowledged += burst_until_killed(path)
+        with Store(path, NETWORK) as store:
+            stored = ids_of(store.load())
+        assert {tx_id: stored[tx_id] for tx_id in acknowledged} == {tx_id: 1 for tx_id in acknowledged}
+        assert max(stored.values()) == 1
 
 
 def write_store(path: Path, blocks: int = 200) -> None:
