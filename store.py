@@ -215,7 +215,7 @@ def migrate_legacy_state(json_path: Path, store_path: Path, network: dict[str, s
     """Import an older --persist's state.json into a new store; returns the number of blocks imported.
 
     The store appears complete or not at all: it is built under a temporary name and
-    renamed into place. The JSON file is left as it was. The chain is not checked here;
+    then given its own. The JSON file is left as it was. The chain is not checked here;
     the node checks it when it loads the store, as it did the JSON file.
     """
     json_path, store_path = Path(json_path), Path(store_path)
