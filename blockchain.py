@@ -35,7 +35,7 @@ import threading
 import uuid
 from datetime import datetime, timedelta
 from itertools import count
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
 from errors import Busy, InvalidTransaction
 
@@ -181,6 +181,17 @@ def proof_of_work(previous_nonce: int, difficulty: int, *, block: Block | None =
 NonceSearch = Callable[..., int]
 
 
+class Journal(Protocol):
+    """Where a Blockchain writes each change before making it (store.Store is one): a change whose
+    write fails is not made, so what the chain holds is always what the journal holds."""
+
+    def add_pending(self, tx: Transaction) -> None: ...
+
+    def append_block(self, block: Block) -> None: ...
+
+    def replace_chain(self, keep: int, blocks: list[Block], pending: list[Transaction]) -> None: ...
+
+
 def make_genesis(timestamp: str) -> Block:
     return {"index": GENESIS_INDEX, "timestamp": timestamp, "nonce": GENESIS_NONCE,
             "previous_hash": GENESIS_PREVIOUS_HASH, "transactions": []}
@@ -241,6 +252,7 @@ class Blockchain:
         self.pow_mode = pow_mode
         self.finality_depth = finality_depth
         self.max_pending = max_pending
+        self.journal: Journal | None = None  # set by a node that persists its state
         self.genesis = make_genesis(genesis_timestamp)
         self.search = search
         self._lock = threading.RLock()
@@ -250,7 +262,6 @@ class Blockchain:
         self._tx_block: dict[str, int] = {}
         self._records: dict[str, list[tuple[int, Transaction]]] = {}
         self._newest_by_cid: dict[str, Transaction] = {}
-        self.version = 0  # grows with every change, so a saver can tell what it has already written
 
     # -- reading -------------------------------------------------------------
 
@@ -353,8 +364,9 @@ class Blockchain:
                 if len(self._pending) >= self.max_pending:
                     raise Busy(f"this node already holds {self.max_pending} pending transactions (max_pending); "
                                f"mine a block, or try again later")
+                if self.journal:
+                    self.journal.add_pending(clean)
                 self._pending[clean["id"]] = clean
-                self.version += 1
             return Receipt(where or len(self._chain) + 1, clean, where is None)
 
     def mine_block(self) -> Block:
@@ -380,8 +392,9 @@ class Blockchain:
 
     def _append(self, block: Block) -> None:
         """Append a checked block; caller holds the lock."""
+        if self.journal:
+            self.journal.append_block(block)
         self._chain.append(block)
-        self.version += 1
         self._index_block(block)
         for tx in block["transactions"]:
             self._pending.pop(tx["id"], None)
@@ -477,15 +490,11 @@ class Blockchain:
                 if self._chain != ours:
                     continue  # we mined or took a block meanwhile: judge the fork again against that
                 dropped = self._chain[fork - 1:]
-                orphans = [tx for block in dropped for tx in block["transactions"]] + list(self._pending.values())
                 if dropped:
-                    self._load(self._chain[:fork - 1] + new)
+                    self._reorganise(fork, new)
                 else:
                     for block in new:
                         self._append(block)
-                for tx in orphans:
-                    if tx["id"] not in self._tx_block:
-                        self._pending.setdefault(tx["id"], tx)
                 return True, f"adopted a chain of length {fork - 1 + len(new)}" + (
                     f", dropping our last {len(dropped)} block(s)" if dropped else "")
 
@@ -514,10 +523,23 @@ class Blockchain:
             previous = block
         return None
 
+    def _reorganise(self, fork: int, new: list[Block]) -> None:
+        """Replace our blocks from index `fork` on by `new`; transactions of the dropped blocks that `new`
+        does not hold go back to pending, after ours. Caller holds the lock."""
+        in_new = {tx["id"] for block in new for tx in block["transactions"]}
+        dropped = [tx for block in self._chain[fork - 1:] for tx in block["transactions"]]
+        pending: dict[str, Transaction] = {}
+        for tx in dropped + list(self._pending.values()):
+            if tx["id"] not in in_new and self._tx_block.get(tx["id"], fork) >= fork:
+                pending.setdefault(tx["id"], tx)
+        if self.journal:
+            self.journal.replace_chain(fork - 1, new, list(pending.values()))
+        self._load(self._chain[:fork - 1] + new)
+        self._pending = pending
+
     def _load(self, chain: list[Block]) -> None:
         """Make a checked chain ours, with its indexes; caller holds the lock."""
         self._chain = list(chain)
-        self.version += 1
         self._tx_block, self._records, self._newest_by_cid, self._pending = {}, {}, {}, {}
         for block in self._chain:
             self._index_block(block)

@@ -22,6 +22,7 @@ MIB = 1024 * 1024
 GIB = 1024 * MIB
 
 
+STATE_FOLDER = ".emr"
 DEFAULT_IPFS_API = "http://127.0.0.1:5001"
 DEFAULT_IPFS_TIMEOUT = 120.0
 DEFAULT_IPFS_LOOKUP_TIMEOUT = 5.0
@@ -43,6 +44,8 @@ class Config:
     role: str = _setting("patient", "this node's role; see ROLE_ACTIONS in policy.py for what each may do")
     public_url: str = _setting("", "URL other nodes use to reach this one (default http://HOST:PORT)")
     data_dir: str = _setting("", "folder for this node's files (default data/node-PORT); file paths are confined to it")
+    state_dir: str = _setting("", f"folder for the node's own files: its store, identity, spooled uploads "
+                                  f"(default DATA_DIR/{STATE_FOLDER}); no request can read or write in it")
     difficulty: int = _setting(4, "leading zeros the proof of work needs (the paper uses 4)")
     pow_mode: str = _setting("paper", "proof of work: 'paper' (nonce against previous nonce) or "
                                       "'content' (the block's own hash, so no transaction can change)",
@@ -79,6 +82,10 @@ class Config:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir or f"data/node-{self.port}").resolve()
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).resolve() if self.state_dir else self.data_path / STATE_FOLDER
 
     @property
     def downloads_path(self) -> Path:

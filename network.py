@@ -39,7 +39,7 @@ log = logging.getLogger("emr.network")
 NODE_HEADER = "X-EMR-Node"  # the calling node's own URL, on node-to-node requests
 OUTBOX_LIMIT = 10_000
 SYNC_THREADS = 8  # peers fetched at once in one sync
-SYNCS_AT_ONCE = 2  # syncs running at once (a request's and the background loop's); more wait for none: Busy
+SYNCS_AT_ONCE = 2  # syncs running at once for requests (more are refused: Busy), and apart for the background
 SYNC_ROUND_DEADLINES = 10  # one sync with one peer takes at most this many peer timeouts, however many pages
 
 def peer_netloc(url: Any, allowed: list[str]) -> tuple[str, str]:
@@ -154,10 +154,10 @@ class Network:
         self._lock = threading.Lock()
         self._peers: dict[str, Peer] = {}
         self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sync")
-        self._sync_slots = threading.BoundedSemaphore(SYNCS_AT_ONCE)
+        self._request_slots = threading.BoundedSemaphore(SYNCS_AT_ONCE)
+        self._background_slots = threading.BoundedSemaphore(SYNCS_AT_ONCE)
         self._stopped = threading.Event()
-        self.version = 0  # grows when the peer list changes
-        self.on_change: Callable[[], None] = lambda: None  # called after every change, before it is gossiped
+        self.on_peers_change: Callable[[], None] = lambda: None  # called after the peer list changed
 
     @staticmethod
     def _netlocs_of_self(config: Config) -> set[str]:
@@ -204,9 +204,8 @@ class Network:
                 elif netloc not in self._peers:
                     self._peers[netloc] = Peer(netloc, base_url, Outbox(self, netloc, base_url))
                     added.append(netloc)
-            self.version += bool(added)
         if added:
-            self.on_change()
+            self.on_peers_change()
         for netloc in added:
             log.info("connected to peer %s", netloc)
             if announce:
@@ -226,9 +225,8 @@ class Network:
                 else:
                     peer.outbox.close()
             removed = len(netlocs) - len(unknown)
-            self.version += bool(removed)
         if removed:
-            self.on_change()
+            self.on_peers_change()
             log.info("removed peer(s) %s", ", ".join(sorted(set(netlocs) - set(unknown))))
         return self.peers, unknown
 
@@ -244,10 +242,9 @@ class Network:
             if dropped:
                 del self._peers[netloc]
                 peer.outbox.close()
-                self.version += 1
         if dropped:
             log.warning("dropped peer %s after %d faults in a row; the last: %s", netloc, self.max_peer_faults, why)
-            self.on_change()
+            self.on_peers_change()
         else:
             log.warning("peer %s misbehaved (%d in a row): %s", netloc, peer.faults, why)
 
@@ -286,20 +283,17 @@ class Network:
     def add_transaction(self, tx: Transaction, sender: str | None = None) -> Receipt:
         receipt = self.blockchain.add_transaction(tx)
         if receipt.new:
-            self.on_change()
             self._gossip("/receive_transaction", receipt.transaction, exclude=sender)
         return receipt
 
     def mine_block(self) -> Block:
         block = self.blockchain.mine_block()
-        self.on_change()
         self._gossip("/receive_block", block)
         return block
 
     def receive_block(self, block: Any, sender: str | None) -> str:
         outcome = self.blockchain.receive_block(block)
         if outcome == "appended":
-            self.on_change()
             self._gossip("/receive_block", block, exclude=sender)
         elif outcome == "behind" and sender:
             self._background.submit(self._quiet_sync, [sender])
@@ -310,12 +304,13 @@ class Network:
     def sync(self, netlocs: list[str] | None = None, wait: bool = False) -> tuple[bool, dict[str, str]]:
         """Take the best valid blocks among the peers; returns (replaced, a verdict per peer).
 
-        At most SYNCS_AT_ONCE syncs run at once. A request's sync that finds them all taken is refused
-        (Busy) rather than queued, so callers of replace_chain cannot tie up the node's threads behind
-        a slow peer; the background's (wait=True, at most two threads) waits its turn.
+        At most SYNCS_AT_ONCE syncs run at once for requests: one more is refused (Busy) rather than
+        queued, so callers of replace_chain cannot tie up the node's threads behind a slow peer. The
+        background's (wait=True) have slots of their own and wait their turn.
         """
-        if not self._sync_slots.acquire(blocking=wait):
-            raise Busy("a sync with the peers is already running; try again in a few seconds")
+        slots = self._background_slots if wait else self._request_slots
+        if not slots.acquire(blocking=wait):
+            raise Busy("syncs with the peers are already running; try again in a few seconds")
         try:
             netlocs = self.peers if netlocs is None else netlocs
             if not netlocs:
@@ -324,7 +319,7 @@ class Network:
                                     thread_name_prefix="sync-peer") as pool:
                 verdicts = dict(zip(netlocs, pool.map(self._sync_with, netlocs)))
         finally:
-            self._sync_slots.release()
+            slots.release()
         replaced = any(adopted for adopted, _ in verdicts.values())
         return replaced, {netloc: why for netloc, (_, why) in verdicts.items()}
 
@@ -358,7 +353,6 @@ class Network:
         else:
             self._behaved(netloc, length, why if why.startswith("refused") else "")
         if adopted:
-            self.on_change()
             log.info("peer %s: %s", netloc, why)
         return adopted, why
 

@@ -6,7 +6,6 @@ methods. Nothing here knows HTTP: failures are the errors of errors.py.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -18,17 +17,20 @@ from typing import IO, Any, Iterator
 import crypto
 from blockchain import Block, Blockchain, Receipt, Transaction, is_cid
 from config import Config
-from errors import BadInput, Conflict, InvalidBlock, IpfsError, NodeError, NotFound, StateDamaged
+from errors import BadInput, Conflict, InvalidBlock, IpfsError, NodeError, NotFound, PathRefused, StateDamaged
 from ipfs_client import IpfsClient
 from mining import Miner
-from network import NODE_HEADER, Network
-from storage import confine_path, safe_file_name, write_json_atomically, written_atomically
+from network import NODE_HEADER, Network, peer_netloc
+from storage import MAX_NAME_BYTES, confine_path, safe_file_name, written_atomically
+from store import LEGACY_STATE_FILE, STORE_FILE, Store, legacy_state_file, migrate_legacy_state
 
 __all__ = ["NODE_HEADER", "Node"]
 
 log = logging.getLogger("emr.node")
 
-STATE_FILE = "state.json"
+UPLOADS_FOLDER = "uploads"
+IMPORTED_SUFFIX = ".imported"
+PRIVATE_FOLDER_MODE = 0o700
 SIZE_CACHE_ENTRIES = 100_000
 CONNECT_EXAMPLE = '["http://127.0.0.1:5003"]'
 BLOCK_INDEX = re.compile(r"[0-9]{1,18}")
@@ -45,6 +47,24 @@ class NamedUpload:
         return self.stream.read(size)
 
 
+def network_fingerprint(config: Config) -> dict[str, str]:
+    """The settings a saved chain belongs to: a store made under others is refused."""
+    return {"genesis_timestamp": config.genesis_timestamp, "difficulty": str(config.difficulty),
+            "pow_mode": config.pow_mode}
+
+
+def migrate_state(config: Config) -> str:
+    """Import the state.json an older --persist wrote into the node's store, and move the file aside."""
+    legacy = legacy_state_file(config.data_path)
+    if legacy is None:
+        raise NotFound(f"there is no {LEGACY_STATE_FILE} to import in {config.data_path}")
+    config.state_path.mkdir(parents=True, exist_ok=True)
+    store_path = config.state_path / STORE_FILE
+    blocks = migrate_legacy_state(legacy, store_path, network_fingerprint(config))
+    legacy.rename(legacy.with_name(legacy.name + IMPORTED_SUFFIX))
+    return f"imported {blocks} blocks from {legacy} into {store_path}; the old file is now {legacy.name}{IMPORTED_SUFFIX}"
+
+
 class Node:
     def __init__(self, config: Config, ipfs: IpfsClient | None = None) -> None:
         self.config = config
@@ -56,16 +76,15 @@ class Node:
         self.ipfs = ipfs or IpfsClient(config.ipfs_api, config.ipfs_timeout, config.ipfs_lookup_timeout)
         self.data_dir = config.data_path
         self.downloads = config.downloads_path
-        self.uploads = self.data_dir / ".uploads"
-        for folder in (self.data_dir, self.downloads, self.uploads):
+        self.state_dir = config.state_path
+        self.uploads = self.state_dir / UPLOADS_FOLDER
+        for folder in (self.data_dir, self.downloads, self.state_dir, self.uploads):
             folder.mkdir(parents=True, exist_ok=True)
+        self.state_dir.chmod(PRIVATE_FOLDER_MODE)
         self._sizes: dict[str, str] = {}
-        self.state_path = self.data_dir / STATE_FILE
-        self._save_lock = threading.Lock()
-        self._saved_version: tuple[int, int] | None = None
+        self.store: Store | None = None
         if config.persist:
             self._restore()
-            self.network.on_change = self._save_state
 
     # -- the chain -----------------------------------------------------------
 
@@ -143,38 +162,41 @@ class Node:
     def close(self) -> None:
         self.network.stop()
         self.miner.close()
+        if self.store is not None:
+            self.store.close()
 
     # -- persistence ---------------------------------------------------------
 
-    def _save_state(self) -> None:
-        """Write chain, pending transactions and peers; atomically, and before the change is acknowledged."""
-        with self._save_lock:
-            version = (self.blockchain.version, self.network.version)
-            if version == self._saved_version:
-                return  # a concurrent request's save already wrote this change
-            write_json_atomically(self.state_path, {"chain": self.blockchain.chain, "pending": self.blockchain.pending,
-                                                    "peers": self.network.peer_urls})
-            self._saved_version = version
-
     def _restore(self) -> None:
-        if not self.state_path.exists():
-            return
-        try:
-            state = json.loads(self.state_path.read_text(encoding="utf-8"))
-            self.blockchain.restore(state["chain"], state["pending"])
-            peers = state["peers"]
-            if not isinstance(peers, list):
-                raise ValueError("peers is not a list")
-        except (ValueError, KeyError, TypeError, NodeError) as exc:
+        """Open the store (creating it on the first start), load and check what it holds, and journal every
+        later change to it before the change is made."""
+        legacy = legacy_state_file(self.data_dir)
+        store_path = self.state_dir / STORE_FILE
+        if legacy and not store_path.exists():
             raise StateDamaged(
-                f"the saved state {self.state_path} cannot be used ({type(exc).__name__}: {exc}). It may be damaged, "
+                f"{legacy} holds state in an older format. Nothing was changed. Import it with "
+                f"'python app.py migrate-state --data-dir {self.config.data_dir or self.data_dir}' (the same "
+                f"network settings as this node), or move it aside to start with an empty chain.")
+        self.store = Store(store_path, network_fingerprint(self.config))
+        saved = self.store.load()
+        try:
+            if saved.chain:
+                self.blockchain.restore(saved.chain, saved.pending)
+            else:
+                self.store.append_block(self.blockchain.chain[0])
+            peers = [peer_netloc(url, self.network.allowed)[1] for url in saved.peers]
+        except (ValueError, NodeError) as exc:
+            self.store.close()
+            raise StateDamaged(
+                f"the saved state {store_path} cannot be used ({type(exc).__name__}: {exc}). It may be damaged, "
                 f"or from a network with other settings (genesis, difficulty, proof of work). Nothing was changed: "
                 f"move the file aside to start with an empty chain, or restore it from a backup.") from None
-        self._saved_version = (self.blockchain.version, self.network.version)
+        self.blockchain.journal = self.store
+        self.network.on_peers_change = lambda: self.store.set_peers(self.network.peer_urls)
         if peers:
             self.network.connect(peers, announce=False)
         log.info("restored a chain of %d blocks, %d pending transactions and %d peers from %s",
-                 len(self.blockchain), len(self.blockchain.pending), len(peers), self.state_path)
+                 len(self.blockchain), self.blockchain.pending_count, len(peers), store_path)
 
     # -- IPFS ----------------------------------------------------------------
 
@@ -257,15 +279,25 @@ class Node:
 
     def _crypt_target(self, source: Path, output_path: Any, encrypting: bool) -> Path:
         if output_path:
-            return confine_path(self.data_dir, output_path, "output_path")
-        target = crypto.default_output(source, encrypting)
-        if target is None:
-            raise BadInput(f"'file_path' does not end in {crypto.AES_SUFFIX}: "
-                           f"give 'output_path' for the decrypted file")
+            target = self._user_path(output_path, "output_path")
+        else:
+            target = crypto.default_output(source, encrypting)
+            if target is None:
+                raise BadInput(f"'file_path' does not end in {crypto.AES_SUFFIX}: "
+                               f"give 'output_path' for the decrypted file")
+        if target == self.data_dir or target.is_dir():
+            raise PathRefused("'output_path' names a folder; name the file to write")
+        if len(os.fsencode(target.name)) > MAX_NAME_BYTES:
+            raise PathRefused(f"the output's name would be longer than {MAX_NAME_BYTES} bytes; give a shorter "
+                              f"'output_path'")
         return target
 
+    def _user_path(self, user_path: Any, field: str = "file_path") -> Path:
+        """A path a request named: inside the data directory, outside the node's own files."""
+        return confine_path(self.data_dir, user_path, field, private=self.state_dir)
+
     def _existing(self, file_path: Any) -> Path:
-        path = confine_path(self.data_dir, file_path)
+        path = self._user_path(file_path)
         if not path.is_file():
             raise NotFound(f"no file at '{file_path}' in the node's data directory")
         return path
@@ -280,6 +312,9 @@ class Node:
             size = operation(source, target, password, overwrite=overwrite)
         except crypto.CryptoError as exc:  # name the file as the user did, not by its path on this machine
             raise type(exc)(self._relative(exc.path), exc.reason) from None
+        except (IsADirectoryError, NotADirectoryError, FileNotFoundError) as exc:
+            raise PathRefused(f"'{self._relative(target)}' cannot be written: a folder is in the way "
+                              f"({exc.strerror})") from None
         return self._relative(target), size
 
     def _relative(self, path: Path) -> str:

@@ -10,15 +10,15 @@ import json
 import logging
 import signal
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import waitress.server
 import waitress.utilities
 
 from app import TOO_LARGE, create_app
 from config import LOOPBACK_HOSTS, Config, load_config
-from errors import StateDamaged
-from node import Node
+from errors import NodeError
+from node import Node, migrate_state
 
 log = logging.getLogger("emr.server")
 SERVER_IDENT = "emr-chain"
@@ -74,13 +74,22 @@ def serve(config: Config) -> None:
         log.info("node on %s stopped", config.own_url)
 
 
+# `python app.py COMMAND [flags]`: things an operator does to a node that is not running.
+COMMANDS: dict[str, Callable[[Config], str]] = {"migrate-state": migrate_state}
+
+
 def main(argv: list[str] | None = None) -> None:
-    config = load_config(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = COMMANDS.get(argv[0]) if argv else None
+    config = load_config(argv[1:] if command else argv)
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [%(name)s :" + str(config.port) + "] %(message)s")
     try:
-        serve(config)
-    except StateDamaged as exc:
+        if command:
+            print(command(config))
+        else:
+            serve(config)
+    except NodeError as exc:
         raise SystemExit(f"error: {exc}") from None
 
 

@@ -19,16 +19,21 @@ MAX_PATH_LENGTH = 1024
 MAX_NAME_BYTES = 255
 
 
-def confine_path(base: Path, user_path: Any, field: str = "file_path") -> Path:
-    """Resolve `user_path` inside `base`, or raise PathRefused without touching the file.
+def confine_path(base: Path, user_path: Any, field: str = "file_path", *, private: Path | None = None) -> Path:
+    """Resolve `user_path` inside `base` and outside `private`, or raise PathRefused without touching the file.
 
     Relative paths are taken from `base`; absolute ones must already lie inside it.
-    Symlinks are resolved first, so a link that points out of `base` is refused.
+    Symlinks are resolved first, so a link that points out of `base`, or into `private`
+    (the node's own files), is refused.
     """
     if not isinstance(user_path, str) or not user_path.strip():
         raise PathRefused(f"'{field}' must be a non-empty string")
     if "\x00" in user_path:
         raise PathRefused(f"'{field}' contains a NUL byte")
+    try:
+        os.fsencode(user_path)
+    except UnicodeEncodeError:
+        raise PathRefused(f"'{field}' holds characters no file name can have (a lone surrogate)") from None
     if len(user_path) > MAX_PATH_LENGTH:
         raise PathRefused(f"'{field}' is longer than {MAX_PATH_LENGTH} characters")
     if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in Path(user_path).parts):
@@ -37,6 +42,8 @@ def confine_path(base: Path, user_path: Any, field: str = "file_path") -> Path:
     resolved = (root / user_path).resolve()
     if resolved != root and not resolved.is_relative_to(root):
         raise PathRefused(f"'{field}' must stay inside the node's data directory")
+    if private is not None and resolved.is_relative_to(private.resolve()):
+        raise PathRefused(f"'{field}' names the node's own files ({private.name}), which no request may touch")
     return resolved
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterator
 
+from errors import StateDamaged
+
 STORE_FILE = "store.sqlite3"
 LEGACY_STATE_FILE = "state.json"
 SCHEMA_VERSION = 1  # PRAGMA user_version; raise it with every change of the schema below
@@ -55,7 +57,7 @@ MOVE_ASIDE = ("Nothing was changed. Move the file aside (or restore it from a ba
               "a node started without it begins with an empty chain and takes its peers' chain.")
 
 
-class StoreError(Exception):
+class StoreError(StateDamaged):
     """The store cannot be used; the message names the file, what is wrong and what to do.
 
     Raised instead of ever starting the node as if it had no state.

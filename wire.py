@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import itertools
 import re
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from errors import BadInput, PeerError, PeerMisbehaved
@@ -24,7 +25,8 @@ from errors import BadInput, PeerError, PeerMisbehaved
 # A JSON value costs a Python object of about 50 to 70 bytes. Requiring at least this many bytes of text per
 # value keeps a parse within a few times the bytes received: real blocks and transactions carry 20 or more.
 MIN_BYTES_PER_VALUE = 12
-SMALL_DOCUMENT_VALUES = 1024  # any document may hold this many values whatever its size: its parse is small anyway
+SMALL_DOCUMENT_VALUES = 1024
+DEPTH_PREFIX_BRACKETS = 4096  # deep nesting shows in its first brackets: judged before the cost of the whole  # any document may hold this many values whatever its size: its parse is small anyway
 MAX_INTEGER_DIGITS = 19  # what fits in 63 bits; no nonce, index or size of the protocol is longer
 READ_CHUNK_BYTES = 64 * 1024
 STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -52,22 +54,28 @@ def shape_problem(text: str, max_depth: int) -> str | None:
     about one pass over the bytes and builds no objects.
     """
     skeleton = STRING.sub('""', text)
-    depth = deepest = 0
-    for bracket in BRACKET.findall(skeleton):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
-        if deepest > max_depth:
-            return f"it is nested deeper than {max_depth} levels"
+    problem = _depth_problem(itertools.islice(BRACKET.finditer(skeleton), DEPTH_PREFIX_BRACKETS), max_depth)
+    if problem:
+        return problem
     values = skeleton.count(",") + skeleton.count(":") + skeleton.count("[") + skeleton.count("{") + 1
     if values > SMALL_DOCUMENT_VALUES and values * MIN_BYTES_PER_VALUE > len(text):
         return f"it packs {values} values into {len(text)} bytes"
+    return _depth_problem(BRACKET.finditer(skeleton), max_depth)
+
+
+def _depth_problem(brackets: Iterable[re.Match[str]], max_depth: int) -> str | None:
+    depth = 0
+    for bracket in brackets:
+        depth += 1 if bracket.group() in "[{" else -1
+        if depth > max_depth:
+            return f"it is nested deeper than {max_depth} levels"
     return None
 
 
-def parse_json(data: bytes | str, max_depth: int, what: str = "the request body") -> Any:
+def parse_json(data: bytes | bytearray | str, max_depth: int, what: str = "the request body") -> Any:
     """JSON text into Python values, or BadInput naming what is wrong; never more than a few times its size."""
     try:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        text = data if isinstance(data, str) else data.decode("utf-8")
     except UnicodeDecodeError:
         raise BadInput(f"{what} is not UTF-8 text") from None
     problem = shape_problem(text, max_depth)
@@ -111,20 +119,20 @@ class PeerClient:
         except BadInput as exc:
             raise PeerMisbehaved(str(exc)) from None
 
-    def post_json(self, url: str, body: Any) -> tuple[int, bytes]:
+    def post_json(self, url: str, body: Any) -> tuple[int, bytearray]:
         """POST a JSON body; (status, at most max_bytes of the answer)."""
         return self._exchange("POST", url, json.dumps(body).encode())
 
-    def _exchange(self, method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
+    def _exchange(self, method: str, url: str, body: bytes | None) -> tuple[int, bytearray]:
         parts = urlsplit(url)
         connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         connection = connection_class(parts.hostname, parts.port, timeout=self.limits.deadline)
         expired = threading.Event()
+        opened: list[socket.socket] = []  # http.client drops its reference when an answer ends in "close"
 
         def cut() -> None:
             expired.set()
-            sock = connection.sock
-            if sock is not None:
+            for sock in opened:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -137,6 +145,10 @@ class PeerClient:
             headers = dict(self.headers)
             if body is not None:
                 headers["Content-Type"] = "application/json"
+            connection.connect()
+            opened.append(connection.sock)
+            if expired.is_set():
+                cut()
             connection.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body, headers)
             response = connection.getresponse()
             declared = response.getheader("Content-Length")
@@ -149,7 +161,7 @@ class PeerClient:
                     raise PeerMisbehaved(f"answer larger than {self.limits.max_bytes} bytes")
             if expired.is_set():  # the watchdog cut the socket: what arrived is not the whole answer
                 raise PeerMisbehaved(f"did not answer within {self.limits.deadline:g}s")
-            return response.status, bytes(received)
+            return response.status, received
         except (OSError, http.client.HTTPException) as exc:
             if expired.is_set():
                 raise PeerMisbehaved(f"did not answer within {self.limits.deadline:g}s") from None

@@ -1,17 +1,23 @@
-"""--persist: what a node acknowledged survives kill -9; a damaged state file stops the start, loudly."""
+"""--persist: what a node acknowledged survives kill -9; a damaged, foreign or older store stops the start, loudly."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import paper_transaction, wait_until
 from scripts.cluster import ROOT, free_port
+from store import STORE_FILE, Store
+
+FINGERPRINT = {"genesis_timestamp": "2020-09-02 23:31:41.258101", "difficulty": "4", "pow_mode": "paper"}
 
 
-def state_file(data_dir: Path) -> Path:
-    return data_dir / "state.json"
+def store_file(data_dir: Path) -> Path:
+    return data_dir / ".emr" / STORE_FILE
 
 
 def test_acknowledged_transactions_survive_kill_9(spawn_node, tmp_path: Path) -> None:
@@ -43,18 +49,33 @@ def test_peers_are_kept_across_a_restart(spawn_node, tmp_path: Path) -> None:
     assert node.get("/health").json()["peers"] == [other.netloc]
 
 
-def test_state_is_valid_json_after_every_change_and_no_temporary_file_is_left(make_client) -> None:
+def test_the_store_holds_every_change_as_it_is_acknowledged(make_client) -> None:
     client = make_client(persist=True)
-    path = state_file(client.node.data_dir)
     for request in (lambda: client.post("/add_transaction", json=paper_transaction()),
                     lambda: client.get("/mine_block"),
+                    lambda: client.post("/add_transaction", json=paper_transaction(EHR_name="X-Ray")),
                     lambda: client.post("/connect_node", json={"nodes": ["http://127.0.0.1:9"]})):
         request()
-        state = json.loads(path.read_text())
-        assert state["chain"] == client.get("/get_chain").get_json()["chain"]
-        assert state["pending"] == client.node.blockchain.pending
-    assert state["peers"] == ["http://127.0.0.1:9"]
-    assert [p.name for p in client.node.data_dir.iterdir() if p.name.startswith(".part")] == []
+        with Store(store_file(client.node.data_dir), FINGERPRINT) as store:
+            saved = store.load()
+        assert saved.chain == client.get("/get_chain").get_json()["chain"]
+        assert saved.pending == client.node.blockchain.pending
+    assert saved.peers == ["http://127.0.0.1:9"]
+
+
+def test_no_request_reaches_the_nodes_own_files(make_client) -> None:
+    client = make_client(persist=True)
+    client.post("/add_transaction", json=paper_transaction())
+    store = store_file(client.node.data_dir)
+    before = store.read_bytes()
+    (client.node.data_dir / "MRI.pdf").write_bytes(b"scan")
+    for path, body in (("/create_hash", {"file_path": ".emr/store.sqlite3"}),
+                       ("/encrypt_file", {"file_path": "MRI.pdf", "password": "p",
+                                          "output_path": ".emr/store.sqlite3", "overwrite": True}),
+                       ("/encrypt_file", {"file_path": ".emr/store.sqlite3", "password": "p"})):
+        response = client.post(path, json=body)
+        assert response.status_code == 400 and "node's own files" in response.get_json()["error"], body
+    assert store.read_bytes() == before
 
 
 def start_fails(data_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -63,34 +84,58 @@ def start_fails(data_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]
                           stdin=subprocess.DEVNULL)
 
 
-def test_damaged_state_file_stops_the_start_with_what_to_do(tmp_path: Path) -> None:
-    for damage in ("{not json", '{"chain": [], "pending": [], "peers": []}', '{"chain": "x"}'):
-        data_dir = tmp_path / f"damaged{len(damage)}"
-        data_dir.mkdir()
-        state_file(data_dir).write_text(damage)
-        result = start_fails(data_dir)
-        assert result.returncode != 0
-        assert str(state_file(data_dir)) in result.stderr and "move the file aside" in result.stderr
-        assert state_file(data_dir).read_text() == damage
+@pytest.mark.process
+@pytest.mark.parametrize("damage", [b"{not json", b"SQLite format 3\x00" + b"\x00" * 200, b""],
+                         ids=["not-sqlite", "cut-short", "empty"])
+def test_damaged_store_stops_the_start_with_what_to_do(tmp_path: Path, damage: bytes) -> None:
+    data_dir = tmp_path / "damaged"
+    store_file(data_dir).parent.mkdir(parents=True)
+    store_file(data_dir).write_bytes(damage)
+    result = start_fails(data_dir)
+    assert result.returncode != 0
+    assert str(store_file(data_dir)) in result.stderr and "Move the file aside" in result.stderr
+    assert store_file(data_dir).read_bytes() == damage
 
 
-def test_tampered_saved_chain_is_refused(make_client, tmp_path: Path) -> None:
+@pytest.mark.process
+def test_tampered_saved_chain_is_refused(make_client) -> None:
     client = make_client(persist=True)
     client.post("/add_transaction", json=paper_transaction())
     client.get("/mine_block")
-    path = state_file(client.node.data_dir)
-    state = json.loads(path.read_text())
-    state["chain"][1]["nonce"] += 1
-    path.write_text(json.dumps(state))
+    client.node.close()
+    with sqlite3.connect(store_file(client.node.data_dir)) as conn:
+        body = json.loads(conn.execute("SELECT body FROM blocks WHERE block_index = 2").fetchone()[0])
+        body["nonce"] += 1
+        conn.execute("UPDATE blocks SET body = ? WHERE block_index = 2", (json.dumps(body),))
     result = start_fails(client.node.data_dir)
     assert result.returncode != 0 and "proof of work" in result.stderr
 
 
+@pytest.mark.process
 def test_saved_chain_does_not_load_under_another_difficulty(make_client) -> None:
     client = make_client(persist=True)
     client.get("/mine_block")
+    client.node.close()
     result = start_fails(client.node.data_dir, "--difficulty", "5")
-    assert result.returncode != 0 and "settings" in result.stderr
+    assert result.returncode != 0 and "difficulty" in result.stderr and "settings" in result.stderr
+
+
+@pytest.mark.process
+def test_an_older_state_json_stops_the_start_until_it_is_imported(tmp_path: Path) -> None:
+    data_dir = tmp_path / "old"
+    data_dir.mkdir()
+    genesis = {"index": 1, "timestamp": FINGERPRINT["genesis_timestamp"], "nonce": 1, "previous_hash": "0",
+               "transactions": []}
+    tx = {**paper_transaction(), "id": "a" * 32}
+    (data_dir / "state.json").write_text(json.dumps({"chain": [genesis], "pending": [tx], "peers": []}))
+    refused = start_fails(data_dir)
+    assert refused.returncode != 0 and "migrate-state" in refused.stderr
+    imported = subprocess.run([sys.executable, str(ROOT / "app.py"), "migrate-state", "--data-dir", str(data_dir)],
+                              capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert imported.returncode == 0, imported.stderr
+    assert not (data_dir / "state.json").exists()
+    with Store(store_file(data_dir), FINGERPRINT) as store:
+        assert store.load().pending == [tx]
 
 
 def test_restarted_persistent_node_still_follows_its_network(spawn_node, tmp_path: Path) -> None:

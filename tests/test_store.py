@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import pytest
 
-from blockchain import PAPER_GENESIS_TIMESTAMP, make_genesis
+from blockchain import PAPER_GENESIS_TIMESTAMP, Blockchain, make_genesis
 from conftest import paper_transaction
 from store import SCHEMA_VERSION, Store, StoreError, legacy_state_file, migrate_legacy_state
 
@@ -306,14 +306,17 @@ def test_the_store_is_readable_by_its_owner_only(store: Store, path: Path) -> No
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o600 for p in files}
 
 
-def test_a_state_json_of_todays_persist_is_imported_equal(make_client: Callable[..., Any], tmp_path: Path) -> None:
-    client = make_client(persist=True)
+def test_a_state_json_of_the_old_persist_is_imported_equal(tmp_path: Path) -> None:
+    chain = Blockchain()
     for number in range(3):
-        client.post("/add_transaction", json=paper_transaction(EHR_name=f"scan {number}"))
-    client.get("/mine_block")
-    client.post("/add_transaction", json=paper_transaction(EHR_name="waiting"))
-    client.post("/connect_node", json={"nodes": ["http://127.0.0.1:9"]})
-    data_dir = client.node.data_dir
+        chain.add_transaction(paper_transaction(EHR_name=f"scan {number}"))
+    chain.mine_block()
+    chain.add_transaction(paper_transaction(EHR_name="waiting"))
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    # What --persist wrote before the store: the whole state as one JSON file in the data directory.
+    (data_dir / "state.json").write_text(json.dumps({"chain": chain.chain, "pending": chain.pending,
+                                                     "peers": ["http://127.0.0.1:9"]}))
     json_path = legacy_state_file(data_dir)
     assert json_path is not None
     saved = json.loads(json_path.read_text())
