@@ -16,9 +16,10 @@ import time
 from typing import Any, Callable, Mapping
 from urllib.parse import quote, urlsplit
 
-from flask import Blueprint, Flask, Request, Response, current_app, g, jsonify, request, stream_with_context
+from flask import Blueprint, Flask, Request, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import parse_options_header
+from werkzeug.wsgi import wrap_file
 
 import errors
 import openapi as openapi_spec
@@ -46,6 +47,7 @@ MULTIPART_TYPE = "multipart/form-data"
 # took them would be open to any web page the user visits.
 BODY_TYPES: dict[str, tuple[str, ...]] = {UPLOAD_ENDPOINT: (JSON_TYPE, MULTIPART_TYPE)}
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+DOWNLOAD_CHUNK_BYTES = 256 * 1024
 CORS_REQUEST_HEADERS = "Authorization, Content-Type, X-API-Key"
 CORS_EXPOSED_HEADERS = "Content-Disposition"
 CORS_MAX_AGE_SECONDS = 600
@@ -230,11 +232,14 @@ def get_file() -> Any:
 @api.get("/get_file")
 @serves(Action.FETCH)
 def download_file() -> Any:
-    name, size, chunks = current_node().stream_file(request.args.get("ipfs_hash", ""))
+    # A file, not an iterator: waitress sends a wsgi.file_wrapper from its own I/O thread, so a client that
+    # reads slowly holds a spooled file (bounded by max_spool_bytes), never a worker thread.
+    name, size, spooled = current_node().stream_file(request.args.get("ipfs_hash", ""))
     fallback = name.encode("ascii", "replace").decode().replace("?", "_").replace('"', "_")
     headers = {"Content-Disposition": f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name)}",
                "Content-Length": str(size)}
-    return Response(stream_with_context(chunks), mimetype="application/octet-stream", headers=headers)
+    return Response(wrap_file(request.environ, spooled, DOWNLOAD_CHUNK_BYTES), mimetype="application/octet-stream",
+                    headers=headers, direct_passthrough=True)
 
 
 def crypt_request(operation: Callable[..., tuple[str, int]], message: str) -> Any:
