@@ -6,6 +6,7 @@ in-process); `python app.py --port 5002 --role patient` serves one (see server.p
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import json
@@ -51,6 +52,7 @@ DOWNLOAD_CHUNK_BYTES = 256 * 1024
 CORS_REQUEST_HEADERS = "Authorization, Content-Type, X-API-Key"
 CORS_EXPOSED_HEADERS = "Content-Disposition"
 CORS_MAX_AGE_SECONDS = 600
+ROUTE_CACHE_ENTRIES = 1024
 
 
 class NodeRequest(Request):
@@ -322,6 +324,8 @@ class Gate:
         self.ip_literals = config.host in WILDCARD_HOSTS  # every address of the machine: any IP literal is ours
         self.own_origins = {origin_of(config.own_url)}
         self.origins = set(config.origin_list)
+        # Asked twice a request (at the head and by Flask) and for body_limit: the routing is remembered.
+        self.route = functools.lru_cache(maxsize=ROUTE_CACHE_ENTRIES)(self._route)
 
     # -- the questions --------------------------------------------------------
 
@@ -422,7 +426,7 @@ class Gate:
 
     # -- routes -----------------------------------------------------------------
 
-    def route(self, method: str, path: str) -> tuple[str | None, Action | None]:
+    def _route(self, method: str, path: str) -> tuple[str | None, Action | None]:
         """(endpoint, action) of the view that would serve this request, or (None, None)."""
         try:
             endpoint, _ = self.url_map.bind("localhost").match(path, method)

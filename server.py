@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import waitress.server
 import waitress.utilities
@@ -37,7 +37,6 @@ from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.task import ThreadedTaskDispatcher
-from werkzeug.datastructures import Headers
 
 from app import TOO_LARGE, Gate, create_app, status_for
 from config import LOOPBACK_HOSTS, Config, load_config
@@ -87,9 +86,23 @@ class Refusal(waitress.utilities.Error):
         return f"{self.code} {self.reason}", [("Content-Type", "application/json"), *self.headers], body
 
 
-def request_headers(parser: HTTPRequestParser) -> Headers:
-    """waitress's header dict (CONTENT_TYPE: ...) as the Headers Flask's request has (Content-Type: ...)."""
-    return Headers([(key.replace("_", "-"), value) for key, value in parser.headers.items()])
+class WaitressHeaders(Mapping[str, str]):
+    """waitress's header dict (CONTENT_TYPE: ...) read as Flask's request headers are (get("Content-Type")),
+    without a copy: the Gate asks a few names of every request head."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: dict[str, str]) -> None:
+        self.raw = raw
+
+    def __getitem__(self, name: str) -> str:
+        return self.raw[name.upper().replace("-", "_")]
+
+    def __iter__(self) -> Iterator[str]:
+        return (key.replace("_", "-") for key in self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
 
 
 class NodeParser(HTTPRequestParser):
@@ -120,7 +133,7 @@ class NodeParser(HTTPRequestParser):
 
     def _check_head(self) -> None:
         path = "/" + self.path.lstrip("/") if self.path.startswith("/") else self.path  # as waitress's PATH_INFO
-        headers = request_headers(self)
+        headers = WaitressHeaders(self.headers)
         refusal = self.gate.refusal(self.command, path, headers)
         if refusal is not None:
             self._refuse(refusal, self.gate.cors_headers(headers))
@@ -130,7 +143,7 @@ class NodeParser(HTTPRequestParser):
     def _refuse(self, error: NodeError, headers: list[tuple[str, str]]) -> None:
         self.error = Refusal(error, headers)
         self.completed = True
-        log.info("%s %s %d refused at its head, its body not read: %s", getattr(self, "command", "-"),
+        log.info("%s %s %d, refused from its head (no body read): %s", getattr(self, "command", "-"),
                  getattr(self, "path", "-"), self.error.code, error)
 
 
