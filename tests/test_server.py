@@ -451,3 +451,51 @@ def test_the_app_hands_waitress_a_file_for_a_download(monkeypatch, make_client) 
     assert client.node._spool_budget.used == 3
     answer.close()  # what waitress does once it is sent, or the reader is gone
     assert client.node._spool_budget.used == 0
+
+
+# -- the connection limit, where the platform limits it ---------------------------------------------
+
+class FakeResource:
+    RLIMIT_NOFILE, RLIM_INFINITY = 7, -1
+
+    def __init__(self, soft: int, hard: int, settable: bool) -> None:
+        self.limits, self.settable = (soft, hard), settable
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        if not self.settable or limits[0] > self.limits[1]:
+            raise ValueError("not allowed")
+        self.limits = limits
+
+
+def test_the_descriptor_limit_is_raised_to_fit_the_connection_limit(monkeypatch) -> None:
+    fake = FakeResource(1024, 1_048_576, settable=True)
+    monkeypatch.setitem(sys.modules, "resource", fake)
+    assert server.connection_limit(1000) == 1000 and fake.limits[0] >= 2 * 1000
+    fixed = FakeResource(512, 512, settable=False)
+    monkeypatch.setitem(sys.modules, "resource", fixed)
+    assert server.connection_limit(1000) == (512 - server.RESERVED_DESCRIPTORS) // 2
+
+
+def test_without_poll_the_connection_limit_fits_select(monkeypatch) -> None:
+    monkeypatch.delattr(server.select, "poll")
+    monkeypatch.setitem(sys.modules, "resource", None)  # as on Windows: no such module
+    assert server.connection_limit(1000) == server.SELECT_LIMIT
+    assert server.connection_limit(100) == 100
+
+
+def test_the_server_is_built_of_node_classes_on_every_listen_address(tmp_path: Path) -> None:
+    app = create_app(node_config(tmp_path, host="localhost", port=free_port()))
+    built = server.create_server(app, app.extensions["emr_gate"], app.extensions["emr_node"].config)
+    try:
+        listeners = [built] if isinstance(built, server.NodeServer) else [
+            channel for channel in built.map.values() if isinstance(channel, waitress.server.BaseWSGIServer)]
+        assert listeners and all(isinstance(listener, server.NodeServer) for listener in listeners)
+        assert all(listener.channel_class is server.NodeChannel for listener in listeners)
+        assert built.adj.asyncore_use_poll and built.adj.connection_limit == 1000
+    finally:
+        built.task_dispatcher.shutdown()
+        built.close()
+        app.extensions["emr_node"].close()
