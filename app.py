@@ -53,6 +53,7 @@ CORS_REQUEST_HEADERS = "Authorization, Content-Type, X-API-Key"
 CORS_EXPOSED_HEADERS = "Content-Disposition"
 CORS_MAX_AGE_SECONDS = 600
 ROUTE_CACHE_ENTRIES = 1024
+ROUTE_CACHE_PATH_LENGTH = 128
 
 
 class NodeRequest(Request):
@@ -324,8 +325,9 @@ class Gate:
         self.ip_literals = config.host in WILDCARD_HOSTS  # every address of the machine: any IP literal is ours
         self.own_origins = {origin_of(config.own_url)}
         self.origins = set(config.origin_list)
-        # Asked twice a request (at the head and by Flask) and for body_limit: the routing is remembered.
-        self.route = functools.lru_cache(maxsize=ROUTE_CACHE_ENTRIES)(self._route)
+        # Asked twice a request (at the head and by Flask) and for body_limit: the routing of usual paths is
+        # remembered (not of long ones, which a client could send to fill the memory).
+        self._cached_route = functools.lru_cache(maxsize=ROUTE_CACHE_ENTRIES)(self._route)
 
     # -- the questions --------------------------------------------------------
 
@@ -426,8 +428,13 @@ class Gate:
 
     # -- routes -----------------------------------------------------------------
 
-    def _route(self, method: str, path: str) -> tuple[str | None, Action | None]:
+    def route(self, method: str, path: str) -> tuple[str | None, Action | None]:
         """(endpoint, action) of the view that would serve this request, or (None, None)."""
+        if len(path) > ROUTE_CACHE_PATH_LENGTH:
+            return self._route(method, path)
+        return self._cached_route(method, path)
+
+    def _route(self, method: str, path: str) -> tuple[str | None, Action | None]:
         try:
             endpoint, _ = self.url_map.bind("localhost").match(path, method)
         except HTTPException:  # no such route or method (Flask answers 404 or 405), or a redirect
