@@ -6,20 +6,26 @@ in-process); `python app.py --port 5002 --role patient` serves one (see server.p
 """
 from __future__ import annotations
 
+import functools
 import hmac
+import ipaddress
 import logging
+import socket
 import tempfile
 import time
-from typing import Any, Callable
-from urllib.parse import quote
+from typing import Any, Callable, Mapping
+from urllib.parse import quote, urlsplit
 
-from flask import Blueprint, Flask, Request, Response, current_app, g, jsonify, request, stream_with_context
+from flask import Blueprint, Flask, Request, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.http import parse_options_header
+from werkzeug.wsgi import wrap_file
 
 import errors
 import openapi as openapi_spec
-from config import Config
-from errors import BadInput, Forbidden, NodeError, Unauthorized
+from config import LOOPBACK_HOSTS, WILDCARD_HOSTS, Config, setting_names
+from errors import (BadInput, CrossOriginRefused, Forbidden, MisdirectedRequest, NodeError, TooLarge, Unauthorized,
+                    UnsupportedMediaType)
 from ipfs_client import IpfsClient
 from node import NODE_HEADER, Node
 from policy import Action, may, needs_key
@@ -35,6 +41,19 @@ UPLOAD_ENDPOINT = "create_hash"
 UPLOAD_FIELD = "file"
 TOO_LARGE = "the request body is larger than this node accepts"
 ACCESS_ATTRIBUTE = "emr_action"
+JSON_TYPE = "application/json"
+MULTIPART_TYPE = "multipart/form-data"
+# What each endpoint that takes a body accepts; every other POST takes JSON only. Browsers may send text/plain,
+# form and multipart bodies to any site without asking it first (no CORS preflight), so a JSON endpoint that
+# took them would be open to any web page the user visits.
+BODY_TYPES: dict[str, tuple[str, ...]] = {UPLOAD_ENDPOINT: (JSON_TYPE, MULTIPART_TYPE)}
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+DOWNLOAD_CHUNK_BYTES = 256 * 1024
+CORS_REQUEST_HEADERS = "Authorization, Content-Type, X-API-Key"
+CORS_EXPOSED_HEADERS = "Content-Disposition"
+CORS_MAX_AGE_SECONDS = 600
+ROUTE_CACHE_ENTRIES = 1024
+ROUTE_CACHE_PATH_LENGTH = 128
 
 
 class NodeRequest(Request):
@@ -67,7 +86,8 @@ CRYPT_FIELDS = ("file_path", "password", "output_path", "overwrite")
 
 
 def json_body(*fields: str) -> dict[str, Any]:
-    """The request's JSON object, whatever its Content-Type, or BadInput saying what is wrong.
+    """The request's JSON object (its Content-Type was checked before: Gate.refusal), or BadInput saying what is
+    wrong.
 
     With `fields`, any other key is refused, so a misspelt optional field is not silently ignored.
     """
@@ -214,11 +234,14 @@ def get_file() -> Any:
 @api.get("/get_file")
 @serves(Action.FETCH)
 def download_file() -> Any:
-    name, size, chunks = current_node().stream_file(request.args.get("ipfs_hash", ""))
+    # A file, not an iterator: waitress sends a wsgi.file_wrapper from its own I/O thread, so a client that
+    # reads slowly holds a spooled file (bounded by max_spool_bytes), never a worker thread.
+    name, size, spooled = current_node().stream_file(request.args.get("ipfs_hash", ""))
     fallback = name.encode("ascii", "replace").decode().replace("?", "_").replace('"', "_")
     headers = {"Content-Disposition": f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name)}",
                "Content-Length": str(size)}
-    return Response(stream_with_context(chunks), mimetype="application/octet-stream", headers=headers)
+    return Response(wrap_file(request.environ, spooled, DOWNLOAD_CHUNK_BYTES), mimetype="application/octet-stream",
+                    headers=headers, direct_passthrough=True)
 
 
 def crypt_request(operation: Callable[..., tuple[str, int]], message: str) -> Any:
@@ -265,7 +288,10 @@ def receive_block() -> Any:
 @api.get("/health")
 @serves(Action.HEALTH)
 def health() -> Any:
-    return jsonify(current_node().health())
+    report = current_node().health()
+    if not current_gate().key_given(request.headers):  # a monitor without the key learns only that it is up
+        report = {key: report[key] for key in PUBLIC_HEALTH}
+    return jsonify(report)
 
 
 @api.get("/openapi.json")
@@ -282,25 +308,230 @@ def docs() -> Any:
 
 # -- access, limits and errors -------------------------------------------------
 
-@api.before_request
-def check_access() -> None:
-    node = current_node()
+PUBLIC_HEALTH = ("status", "role")  # what /health tells a caller without the key, on a node with one
+
+
+class Gate:
+    """What a node decides from a request's head (method, path, headers) alone, before any of its body is read.
+
+    One answer, asked in two places: by the server when a request head is complete (server.py: waitress's parser
+    asks `refusal` and `body_limit`, and a refused body is never read), and by Flask before every view
+    (`check_access`: the test client, and a second line behind the server). In order: the Host must be one this
+    node answers to (DNS rebinding), a web page of another origin must be allowed (CSRF), then the route's access
+    rule (API key, role), the body's media type and its size.
+    """
+
+    def __init__(self, app: Flask, config: Config) -> None:
+        self.config = config
+        self.url_map = app.url_map
+        self.view_functions = app.view_functions
+        self.any_host = "*" in config.host_list
+        self.hosts = answered_hosts(config)
+        self.ip_literals = config.host in WILDCARD_HOSTS  # every address of the machine: any IP literal is ours
+        self.own_origins = {origin_of(config.own_url)}
+        self.origins = set(config.origin_list)
+        # Asked twice a request (at the head and by Flask) and for body_limit: the routing of usual paths is
+        # remembered (not of long ones, which a client could send to fill the memory).
+        self._cached_route = functools.lru_cache(maxsize=ROUTE_CACHE_ENTRIES)(self._route)
+
+    # -- the questions --------------------------------------------------------
+
+    def refusal(self, method: str, path: str, headers: Mapping[str, str]) -> NodeError | None:
+        """Why this request is refused from its head alone, or None to go on (and read the body)."""
+        host = headers.get("Host")
+        if host is not None and not self.answers_to(host):
+            return MisdirectedRequest(
+                f"this node does not answer to the host {host!r} (a page on a domain that points at this machine "
+                f"may not read it); an operator who serves it under that name adds it to "
+                f"{setting_names('allowed_hosts')}")
+        origin = headers.get("Origin")
+        if origin is not None and not self.own_origin(origin, host) and not self.allowed_origin(origin):
+            return CrossOriginRefused(
+                f"a web page from {origin} may not call this node; an operator who trusts that page adds its origin "
+                f"to {setting_names('allowed_origins')}")
+        if self.preflight(method, headers):
+            return None  # a browser asking first, without the key: answered by check_access
+        endpoint, action = self.route(method, path)
+        if action is not None:
+            if needs_key(action) and not self.key_given(headers):
+                return Unauthorized("this node needs an API key: send 'Authorization: Bearer <key>' or "
+                                    "'X-API-Key: <key>'")
+            if not may(self.config.role_name, action):
+                return Forbidden(f"a {self.config.role_name} node does not serve {short(endpoint)}")
+            accepted = accepted_types(endpoint, method)
+            given = media_type(headers)
+            if accepted and given not in accepted:
+                return UnsupportedMediaType(
+                    f"{short(endpoint)} takes a body of type {' or '.join(accepted)}, not "
+                    f"{given or 'a body without a Content-Type'}; send 'Content-Type: {accepted[0]}'")
+        limit = self.body_limit(method, path, headers)
+        length = content_length(headers)
+        if length is not None and length > limit:
+            return TooLarge(f"{TOO_LARGE} ({limit} bytes)")
+        return None
+
+    def body_limit(self, method: str, path: str, headers: Mapping[str, str]) -> int:
+        """The largest body this request may have: max_upload_bytes for an upload, else max_body_bytes."""
+        endpoint, _ = self.route(method, path)
+        if short(endpoint) == UPLOAD_ENDPOINT and media_type(headers) == MULTIPART_TYPE:
+            return self.config.max_upload_bytes
+        return self.config.max_body_bytes
+
+    def key_given(self, headers: Mapping[str, str]) -> bool:
+        """Whether the request carries this node's API key (always, on a node without one)."""
+        key = self.config.api_key
+        if not key:
+            return True
+        scheme, _, token = headers.get("Authorization", "").partition(" ")
+        given = headers.get("X-API-Key") or (token if scheme.lower() == "bearer" else "")
+        return hmac.compare_digest(given.strip().encode(), key.encode())
+
+    # -- hosts and origins ----------------------------------------------------
+
+    def answers_to(self, host_header: str) -> bool:
+        if self.any_host:
+            return True
+        name = host_name(host_header)
+        if name in self.hosts:
+            return True
+        return self.ip_literals and is_ip_literal(name)
+
+    def own_origin(self, origin: str, host_header: str | None) -> bool:
+        """A page this node served itself (same host and port as the request names), or of its public_url."""
+        normalized = origin.strip().lower().rstrip("/")
+        if normalized in self.own_origins:
+            return True
+        parts = urlsplit(normalized)
+        return host_header is not None and parts.scheme in ("http", "https") and parts.netloc == host_header.lower()
+
+    def allowed_origin(self, origin: str) -> bool:
+        return origin.strip().lower().rstrip("/") in self.origins
+
+    def cors_headers(self, headers: Mapping[str, str]) -> list[tuple[str, str]]:
+        """CORS headers for an answer to this request: the origin itself (never '*') when it is allowed."""
+        if not self.origins:
+            return []
+        answer = [("Vary", "Origin")]
+        origin = headers.get("Origin")
+        if origin is not None and self.allowed_origin(origin):
+            answer += [("Access-Control-Allow-Origin", origin.strip()),
+                       ("Access-Control-Expose-Headers", CORS_EXPOSED_HEADERS)]
+        return answer
+
+    @staticmethod
+    def preflight(method: str, headers: Mapping[str, str]) -> bool:
+        return method == "OPTIONS" and "Origin" in headers and "Access-Control-Request-Method" in headers
+
+    def preflight_headers(self, path: str, headers: Mapping[str, str]) -> list[tuple[str, str]] | None:
+        """The answer to a browser's preflight for an allowed origin; None for a path this node does not have."""
+        methods = sorted(set(self.url_map.bind("localhost").allowed_methods(path)) - {"OPTIONS", "HEAD"})
+        if not methods or not self.allowed_origin(headers.get("Origin", "")):
+            return None
+        return self.cors_headers(headers) + [("Access-Control-Allow-Methods", ", ".join(methods)),
+                                             ("Access-Control-Allow-Headers", CORS_REQUEST_HEADERS),
+                                             ("Access-Control-Max-Age", str(CORS_MAX_AGE_SECONDS))]
+
+    # -- routes -----------------------------------------------------------------
+
+    def route(self, method: str, path: str) -> tuple[str | None, Action | None]:
+        """(endpoint, action) of the view that would serve this request, or (None, None)."""
+        if len(path) > ROUTE_CACHE_PATH_LENGTH:
+            return self._route(method, path)
+        return self._cached_route(method, path)
+
+    def _route(self, method: str, path: str) -> tuple[str | None, Action | None]:
+        try:
+            endpoint, _ = self.url_map.bind("localhost").match(path, method)
+        except HTTPException:  # no such route or method (Flask answers 404 or 405), or a redirect
+            return None, None
+        view = self.view_functions.get(endpoint)
+        return endpoint, action_of(view) if view else None
+
+
+def answered_hosts(config: Config) -> set[str]:
+    """The names and addresses this node answers to in a Host header (besides allowed_hosts' '*')."""
+    hosts = {config.host.lower().strip("[]")}
+    if config.host in LOOPBACK_HOSTS or config.host in WILDCARD_HOSTS:
+        hosts.update(LOOPBACK_HOSTS)
+    if config.host in WILDCARD_HOSTS:
+        hosts.add(socket.gethostname().lower())
+    public = urlsplit(config.own_url).hostname
+    if public:
+        hosts.add(public.lower())
+    hosts.update(host_name(host) for host in config.host_list)
+    return hosts
+
+
+def host_name(host_header: str) -> str:
+    """'Example.org:5002' -> 'example.org'; '[::1]:5002' -> '::1'."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url.lower())
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def short(endpoint: str | None) -> str:
+    return (endpoint or "").removeprefix("api.")
+
+
+def accepted_types(endpoint: str | None, method: str) -> tuple[str, ...]:
+    if method not in BODY_METHODS:
+        return ()
+    return BODY_TYPES.get(short(endpoint), (JSON_TYPE,))
+
+
+def media_type(headers: Mapping[str, str]) -> str:
+    return parse_options_header(headers.get("Content-Type", ""))[0].lower()
+
+
+def content_length(headers: Mapping[str, str]) -> int | None:
+    try:
+        return int(headers.get("Content-Length", ""))
+    except ValueError:
+        return None
+
+
+def current_gate() -> Gate:
+    return current_app.extensions["emr_gate"]
+
+
+def check_access() -> Response | None:
+    """Flask's turn to ask the gate (the server asked already, at the end of the request head)."""
     g.started = time.perf_counter()
-    upload = request.endpoint == f"api.{UPLOAD_ENDPOINT}" and request.mimetype == "multipart/form-data"
-    request.max_content_length = node.config.max_upload_bytes if upload else node.config.max_body_bytes
-    action = action_of(current_app.view_functions[request.endpoint]) if request.endpoint else None
-    if action is None:
-        return  # no such route: Flask answers 404 or 405
-    if node.config.api_key and needs_key(action) and not _key_matches(node.config.api_key):
-        raise Unauthorized("this node needs an API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
-    if not may(node.config.role_name, action):
-        raise Forbidden(f"a {node.config.role_name} node does not serve {request.endpoint.removeprefix('api.')}")
+    gate = current_gate()
+    request.max_content_length = gate.body_limit(request.method, request.path, request.headers)
+    refused = gate.refusal(request.method, request.path, request.headers)
+    if refused is not None:
+        raise refused
+    if gate.preflight(request.method, request.headers):
+        answer = gate.preflight_headers(request.path, request.headers)
+        if answer is not None:
+            return Response(status=204, headers=answer)
+    return None
 
 
-def _key_matches(key: str) -> bool:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    given = request.headers.get("X-API-Key") or (token if scheme.lower() == "bearer" else "")
-    return hmac.compare_digest(given.strip().encode(), key.encode())
+def add_cors_headers(response: Response) -> Response:
+    for name, value in current_gate().cors_headers(request.headers):
+        if name == "Vary":
+            response.vary.add(value)
+        elif name not in response.headers:
+            response.headers[name] = value
+    return response
 
 
 # The one place errors become HTTP statuses. The most specific class of the error wins, whatever the order here.
@@ -309,6 +540,10 @@ ERROR_STATUS: dict[type[NodeError], int] = {
     errors.Unauthorized: 401,
     errors.Forbidden: 403,
     errors.NotFound: 404,
+    errors.RequestTimeout: 408,
+    errors.TooLarge: 413,
+    errors.UnsupportedMediaType: 415,
+    errors.MisdirectedRequest: 421,
     errors.Conflict: 409,
     errors.CryptoError: 400,
     errors.StateDamaged: 503,
@@ -383,7 +618,10 @@ def create_app(config: Config | None = None, ipfs: IpfsClient | None = None) -> 
     app.register_blueprint(api)
     check_access_rules(app)
     app.extensions["emr_node"] = Node(config, ipfs)
+    app.extensions["emr_gate"] = Gate(app, config)
+    app.before_request(check_access)
     app.register_error_handler(Exception, handle_error)
+    app.after_request(add_cors_headers)
     app.after_request(log_request)
     return app
 

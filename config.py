@@ -29,6 +29,7 @@ DEFAULT_IPFS_LOOKUP_TIMEOUT = 5.0
 # Names and addresses of this machine's loopback: a node may listen on them without an API key.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::")  # listening on every address, loopback included
+MIN_API_KEY_LENGTH = 16
 
 
 def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
@@ -77,7 +78,58 @@ class Config:
     threads: int = _setting(16, "request threads of the WSGI server")
     api_key: str = _setting("", "when set, every endpoint but /health needs it (Bearer or X-API-Key)")
     persist: bool = _setting(False, "keep chain, pending transactions and peers in the data directory")
+    # Hostile clients: what a client may hold of the node, and which web pages may call it.
+    header_timeout: float = _setting(10.0, "seconds a client has to send a whole request head, from connecting "
+                                           "(or from its previous answer); then the connection is closed")
+    body_timeout: float = _setting(30.0, "longest pause, in seconds, while a request body is arriving; "
+                                         "then the request is answered 408 and the connection closed")
+    connection_limit: int = _setting(1000, "open connections served at once (more wait to be accepted); "
+                                           "at most 500 where the platform has no poll(), as on Windows")
+    max_spool_bytes: int = _setting(4 * GIB, "bytes of GET /get_file downloads held in the data directory at "
+                                             "once for clients still reading them; beyond it a download gets 503")
+    allowed_hosts: str = _setting("", "comma-separated extra names this node answers to in the Host header "
+                                      "(its listen address, public_url's host and, on loopback, 127.0.0.1, "
+                                      "localhost and ::1 always); '*' turns the check off")
+    allowed_origins: str = _setting("", "comma-separated web origins (scheme://host[:port]) whose pages may call "
+                                        "this node (CORS); any other page's request is refused 403")
     log_level: str = _setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def __post_init__(self) -> None:
+        problem = self.problem()
+        if problem:
+            raise ValueError(problem)
+
+    def problem(self) -> str | None:
+        """Why these settings cannot start a node (naming the setting), or None."""
+        key = self.api_key
+        if key:
+            if not key.strip():
+                return f"{setting_names('api_key')} is blank; leave it unset for a node without a key"
+            if any(char.isspace() for char in key):
+                return f"{setting_names('api_key')} contains whitespace; use a key without spaces or newlines"
+            if len(key) < MIN_API_KEY_LENGTH:
+                return (f"{setting_names('api_key')} is {len(key)} characters; it must have at least "
+                        f"{MIN_API_KEY_LENGTH} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        for name in ("header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                return f"{setting_names(name)} must be more than 0 seconds"
+        if self.connection_limit < 1:
+            return f"{setting_names('connection_limit')} must be at least 1"
+        if self.max_spool_bytes < 0:
+            return f"{setting_names('max_spool_bytes')} must not be negative"
+        for origin in self.origin_list:
+            if origin == "*" or "://" not in origin or origin.count("/") != 2:
+                return (f"{setting_names('allowed_origins')}: {origin!r} is not an origin; list each one as "
+                        f"scheme://host[:port] (there is no '*')")
+        return None
+
+    @property
+    def host_list(self) -> list[str]:
+        return [host.lower() for host in split_list(self.allowed_hosts)]
+
+    @property
+    def origin_list(self) -> list[str]:
+        return [origin.lower().rstrip("/") for origin in split_list(self.allowed_origins)]
 
     @property
     def data_path(self) -> Path:
@@ -114,6 +166,11 @@ def env_name(name: str) -> str:
 
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def setting_names(name: str) -> str:
+    """How a person sets it: 'allowed_origins (EMR_ALLOWED_ORIGINS, --allowed-origins)'."""
+    return f"{name} ({env_name(name)}, {flag_name(name)})"
 
 
 def _convert(kind: type, raw: str) -> Any:
@@ -162,4 +219,7 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
                 raise SystemExit(f"error: {env_name(f.name)} must be one of {', '.join(choices)}")
     flags = build_parser().parse_args(argv)
     values.update({k: v for k, v in vars(flags).items() if v is not None})
-    return Config(**values)
+    try:
+        return Config(**values)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None

@@ -40,6 +40,23 @@ class PeerRefused(BadInput):
     """A peer address the operator did not allow, or not a node URL at all."""
 
 
+class TooLarge(BadInput):
+    """The request body is larger than the endpoint accepts; the message gives the limit."""
+
+
+class UnsupportedMediaType(BadInput):
+    """The request body is of a type the endpoint does not take; the message names the types it does."""
+
+
+class MisdirectedRequest(NodeError):
+    """The request names a host (Host header) this node does not answer to: a DNS-rebinding page, or a
+    name the operator has not listed; the message names the host and the setting."""
+
+
+class RequestTimeout(NodeError):
+    """A client took too long to send its request (head or body); the message names the setting."""
+
+
 class NotFound(NodeError):
     """Nothing matches the request."""
 
@@ -50,6 +67,10 @@ class Conflict(NodeError):
 
 class Forbidden(NodeError):
     """This node, or this member, may not do what was asked; the message says who and what."""
+
+
+class CrossOriginRefused(Forbidden):
+    """A web page of another origin asked; the message names the origin and the setting that would allow it."""
 
 
 class Unauthorized(NodeError):

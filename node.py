@@ -6,18 +6,21 @@ methods. Nothing here knows HTTP: failures are the errors of errors.py.
 """
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import os
 import re
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 import crypto
 from blockchain import Block, Blockchain, Receipt, Transaction, is_cid
 from config import Config
-from errors import BadInput, Conflict, InvalidBlock, IpfsError, NodeError, NotFound, PathRefused, StateDamaged
+from errors import BadInput, Busy, Conflict, InvalidBlock, IpfsError, NodeError, NotFound, PathRefused, StateDamaged
 from ipfs_client import IpfsClient
 from mining import Miner
 from network import NODE_HEADER, Network, peer_netloc
@@ -257,11 +260,45 @@ class Node:
                 size += len(chunk)
         return self._relative(destination), size
 
-    def stream_file(self, cid: Any) -> tuple[str, int, Iterator[bytes]]:
-        """(download name, size, bytes) of a file, for sending it back as an attachment."""
+    def stream_file(self, cid: Any) -> tuple[str, int, "SpooledDownload"]:
+        """(download name, size, the file) of an IPFS file, for sending it back as an attachment.
+
+        The file is copied from Kubo first, into memory if small, else into a temporary file of the uploads
+        folder that disappears when closed; close it when sent. So the server can send it at the client's pace
+        without a thread, and the bytes held at once for slow readers are bounded (max_spool_bytes): Busy beyond.
+        """
         cid = _checked_cid(cid)
         size, chunks = self.ipfs.open(cid)
-        return self._download_name(cid), size, chunks
+        budget = self._spool_budget
+        if not budget.reserve(size):
+            chunks.close()
+            if size > budget.limit:
+                raise Busy(f"the file has {size} bytes, more than this node holds for downloads at once "
+                           f"({budget.limit} bytes, max_spool_bytes); fetch it with POST /get_file instead")
+            raise Busy(f"the node is holding {budget.used} bytes of downloads for clients still reading them and "
+                       f"this file has {size}; its limit is {budget.limit} bytes (max_spool_bytes): try again later")
+        spool: IO[bytes] | None = None
+        try:
+            spool = io.BytesIO() if size <= SPOOL_IN_MEMORY_BYTES else tempfile.TemporaryFile(dir=self.uploads)
+            for chunk in chunks:
+                spool.write(chunk)
+            spool.seek(0)
+        except OSError as exc:  # the disk is full, or the uploads folder is gone
+            budget.release(size)
+            if spool is not None:
+                spool.close()
+            raise Busy(f"the node cannot hold the download in {self.uploads} now ({exc.strerror or exc}); "
+                       f"try again later") from None
+        except BaseException:
+            budget.release(size)
+            if spool is not None:
+                spool.close()
+            raise
+        return self._download_name(cid), size, SpooledDownload(spool, functools.partial(budget.release, size))
+
+    @functools.cached_property
+    def _spool_budget(self) -> "SpoolBudget":
+        return SpoolBudget(self.config.max_spool_bytes)
 
     # -- encryption ----------------------------------------------------------
 
@@ -319,6 +356,71 @@ class Node:
 
     def _relative(self, path: Path) -> str:
         return path.relative_to(self.data_dir).as_posix()
+
+
+SPOOL_IN_MEMORY_BYTES = 1024 * 1024  # a download this small is held in memory, not in a file
+
+
+class SpoolBudget:
+    """Bytes of downloads held at once for clients still reading them, shared by the request threads."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, size: int) -> bool:
+        with self._lock:
+            if self.used + size > self.limit:
+                return False
+            self.used += size
+            return True
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self.used -= size
+
+
+class SpooledDownload:
+    """A download held for one client: a file (seekable, so waitress can send it as a wsgi.file_wrapper) whose
+    bytes count against the node's SpoolBudget until it is closed, by whichever thread finishes sending it."""
+
+    def __init__(self, file: IO[bytes], release: Any) -> None:
+        self._file = file
+        self._release = release
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        try:
+            self._file.close()
+        finally:
+            self._release()
+
+    def __enter__(self) -> "SpooledDownload":
+        return self
+
+    def __del__(self) -> None:  # a download dropped without being sent still gives its bytes back
+        self.close()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def _checked_cid(cid: Any) -> str:

@@ -76,21 +76,27 @@ SCHEMAS["MinedBlock"] = _object({**SCHEMAS["Block"]["properties"], "message": {"
 ERRORS = {
     400: "bad input: the message names the field",
     401: "an API key is needed (only when the node has one)",
-    403: "this node's role does not serve the endpoint",
+    403: "this node's role does not serve the endpoint, or a web page of another origin asked (allowed_origins)",
     404: "nothing found",
+    408: "the request head or body came too slowly (header_timeout, body_timeout)",
     409: "a conflict: the output exists (send overwrite: true), or the node has as many peers as it may keep",
-    413: "the body is larger than the node accepts",
+    413: "the body is larger than the endpoint accepts (max_body_bytes; max_upload_bytes for an upload)",
+    415: "the body is not of a type the endpoint takes (application/json; multipart/form-data for an upload)",
+    421: "the Host header names a host this node does not answer to (allowed_hosts)",
     502: "IPFS answered with an error",
-    503: "the IPFS daemon is not reachable, or the node is at a limit it keeps (pending transactions, a sync running)",
+    503: "the IPFS daemon is not reachable, or the node is at a limit it keeps (pending transactions, a sync "
+         "running, max_spool_bytes); try again later",
     504: "the IPFS daemon did not answer in time",
 }
+# What any request may be answered, from its head alone (app.Gate), before its body is read.
+HEAD_ERRORS = (400, 401, 403, 408, 413, 421)
 
 
 def _responses(ok: dict[int, Any], *errors: int) -> dict[str, Any]:
     responses: dict[str, Any] = {}
     for status, schema in ok.items():
         responses[str(status)] = {"description": "success", "content": {JSON: {"schema": schema}}}
-    for status in (400, 401, 403, 413, *errors):
+    for status in (*HEAD_ERRORS, *errors):
         responses[str(status)] = {"description": ERRORS[status], "content": {JSON: {"schema": _ref("Error")}}}
     return responses
 
@@ -104,6 +110,8 @@ def _json_body(schema: dict[str, Any], example: dict[str, Any] | None = None) ->
 
 def _operation(summary: str, ok: dict[int, Any], *errors: int, body: dict[str, Any] | None = None,
                parameters: list[dict[str, Any]] | None = None, tag: str = "records") -> dict[str, Any]:
+    if body:
+        errors = (*errors, 415)
     operation: dict[str, Any] = {"summary": summary, "tags": [tag], "responses": _responses(ok, *errors)}
     if body:
         operation["requestBody"] = body
@@ -203,10 +211,12 @@ PATHS: dict[str, Any] = {
         "Decrypt an AES Crypt file: FILE.aes -> FILE", {200: _crypt_result}, 404, 409,
         body=_json_body(_object(_path_fields, ["file_path", "password"]),
                         {"file_path": "downloads/MRI.pdf.aes", "password": "shared secret"}), tag="encryption")},
-    "/health": {"get": _operation("Port, role, chain length, pending count, peers", {200: _object(
-        {"status": _message, "port": {"type": "integer"}, "role": _message, "length": {"type": "integer"},
-         "pending": {"type": "integer"}, "peers": {"type": "array", "items": {"type": "string"}},
-         "ipfs_api": _message}, ["status", "port", "role", "length", "pending", "peers"])}, tag="operations")},
+    "/health": {"get": _operation(
+        "Port, role, chain length, pending count, peers; on a node with an API key, only status and role "
+        "without it", {200: _object(
+            {"status": _message, "port": {"type": "integer"}, "role": _message, "length": {"type": "integer"},
+             "pending": {"type": "integer"}, "peers": {"type": "array", "items": {"type": "string"}},
+             "ipfs_api": _message}, ["status", "role"])}, tag="operations")},
     "/receive_transaction": {"post": _operation(
         "Node to node: a transaction gossiped by a peer",
         {201: _object({"index": {"type": "integer"}, "new": {"type": "boolean"}}, ["index", "new"]),

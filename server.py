@@ -3,32 +3,62 @@
 waitress (real threads, runs on Windows too, the paper's platform) serves the app that app.create_app builds;
 this module refuses unsafe addresses, sets the server up, handles stop signals, and starts the node's network
 and mining processes.
+
+Hostile clients. waitress reads requests on one I/O thread and hands complete ones to worker threads, which is
+what keeps slow clients off the workers; three subclasses close what it leaves open (waitress==3.0.2 is pinned,
+and tests/test_server.py fails if an internal used here changes):
+- NodeParser asks the app's Gate (app.py) when a request head is complete; a refused request (401, 403, 413, 415,
+  421) is completed there with its error, so its body is never read, and the connection closes after the answer.
+  It also holds a chunked body to the endpoint's own limit.
+- NodeChannel keeps the deadlines (a head must arrive whole within header_timeout of the connection being ready
+  for it; a body must not pause longer than body_timeout: 408 and close), and after a refusal it closes gently
+  (answer, then half-close and drop what the client still sends, for at most LINGER_SECONDS), so a client that
+  is still sending can read the answer instead of a reset.
+- NodeServer checks those deadlines every second (waitress's maintenance), and is accepted by poll() where the
+  platform has it, so connection_limit can be well above 1024 sockets; on Windows select() takes 500 at most.
+Downloads reach waitress as files (wsgi.file_wrapper, app.download_file), which its I/O thread sends at the
+reader's pace: a reader that does not read holds a spooled file, never a worker thread.
 """
 from __future__ import annotations
 
 import json
 import logging
+import select
 import signal
+import socket
 import sys
-from typing import Any, Callable
+import time
+from http import HTTPStatus
+from typing import Any, Callable, Iterator, Mapping
 
 import waitress.server
 import waitress.utilities
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
+from waitress.task import ThreadedTaskDispatcher
 
-from app import TOO_LARGE, create_app
+from app import TOO_LARGE, Gate, create_app, status_for
 from config import LOOPBACK_HOSTS, Config, load_config
-from errors import NodeError
+from errors import NodeError, RequestTimeout, TooLarge
 from node import Node, migrate_state
 
 log = logging.getLogger("emr.server")
 SERVER_IDENT = "emr-chain"
+WAITRESS_VERSION = "3.0.2"  # the version whose internals NodeParser, NodeChannel and NodeServer rely on
+MAINTENANCE_SECONDS = 1     # how often deadlines are checked (waitress's cleanup_interval)
+LINGER_SECONDS = 2.0        # after a refusal: how long to drop what the client still sends before closing
+LINGER_BYTES = 4 * 1024 * 1024
+SELECT_LIMIT = 500          # sockets CPython's select() takes on Windows (FD_SETSIZE 512, less our own)
+DESCRIPTORS_PER_CONNECTION = 2  # a socket, and at times a spooled body or answer
+RESERVED_DESCRIPTORS = 256
 
 
 def waitress_errors_as_json() -> None:
     """waitress answers a few requests itself, before the app sees them (a body over its size limit, a
     malformed request line), in plain text; make those {"error": ...} too, like every other answer.
 
-    This replaces `waitress.utilities.Error.to_response`, whose signature tests/test_server.py pins.
+    This replaces `waitress.utilities.Error.to_response`, whose signature tests/test_architecture.py pins.
     """
     def to_response(self: waitress.utilities.Error, ident: str | None = None) -> tuple[str, list, bytes]:
         lead = TOO_LARGE if self.code == 413 else self.reason.lower()
@@ -38,10 +68,268 @@ def waitress_errors_as_json() -> None:
     waitress.utilities.Error.to_response = to_response
 
 
+# -- refusing at the head ----------------------------------------------------------
+
+class Refusal(waitress.utilities.Error):
+    """A NodeError as waitress's ErrorTask answers it: the status ERROR_STATUS gives it, {"error": ...}, and the
+    CORS headers an allowed page needs to read it."""
+
+    def __init__(self, error: NodeError, headers: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.code = status_for(type(error))
+        self.reason = HTTPStatus(self.code).phrase
+        self.headers = headers or []
+
+    def to_response(self, ident: str | None = None) -> tuple[str, list, bytes]:
+        body = json.dumps({"error": str(self.error)}).encode()
+        return f"{self.code} {self.reason}", [("Content-Type", "application/json"), *self.headers], body
+
+
+class WaitressHeaders(Mapping[str, str]):
+    """waitress's header dict (CONTENT_TYPE: ...) read as Flask's request headers are (get("Content-Type")),
+    without a copy: the Gate asks a few names of every request head."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: dict[str, str]) -> None:
+        self.raw = raw
+
+    def __getitem__(self, name: str) -> str:
+        return self.raw[name.upper().replace("-", "_")]
+
+    def __iter__(self) -> Iterator[str]:
+        return (key.replace("_", "-") for key in self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+
+class NodeParser(HTTPRequestParser):
+    """waitress's request parser, which asks the Gate when the head is complete (see the module's docstring)."""
+
+    body_limit: int | None = None
+
+    def __init__(self, adj: Adjustments, gate: Gate, on_refused: Callable[[], None]) -> None:
+        super().__init__(adj)
+        self.gate = gate
+        self.on_refused = on_refused
+
+    def received(self, data: bytes) -> int:
+        if self.completed:
+            return 0
+        in_head = self.body_rcv is None
+        consumed = super().received(data)
+        if in_head and self.headers_finished and not self.empty and (
+                self.error is None or isinstance(self.error, waitress.utilities.RequestEntityTooLarge)):
+            self._check_head()  # before waitress's own size limit: a wrong key is a 401, whatever the size
+        elif self.error is None and self.body_limit is not None and self.body_bytes_received > self.body_limit:
+            self._refuse(TooLarge(f"{TOO_LARGE} ({self.body_limit} bytes)"), [])  # a chunked body, growing
+        if self.error is not None:
+            self.expect_continue = False  # never "100 Continue" to a refused request
+            self.on_refused()
+            return len(data)  # what follows a refused head (its body) is dropped, not read into the request
+        return consumed
+
+    def _check_head(self) -> None:
+        path = "/" + self.path.lstrip("/") if self.path.startswith("/") else self.path  # as waitress's PATH_INFO
+        headers = WaitressHeaders(self.headers)
+        refusal = self.gate.refusal(self.command, path, headers)
+        if refusal is not None:
+            self._refuse(refusal, self.gate.cors_headers(headers))
+        elif self.error is None:
+            self.body_limit = self.gate.body_limit(self.command, path, headers)
+
+    def _refuse(self, error: NodeError, headers: list[tuple[str, str]]) -> None:
+        self.error = Refusal(error, headers)
+        self.completed = True
+        log.info("%s %s %d, refused from its head (no body read): %s", getattr(self, "command", "-"),
+                 getattr(self, "path", "-"), self.error.code, error)
+
+
+# -- deadlines and a gentle close ----------------------------------------------------
+
+class NodeChannel(HTTPChannel):
+    """One connection: waitress's channel with deadlines and a gentle close after a refusal."""
+
+    refused = False     # an answer refused a request: close after it, gently
+    lingering = False   # answered and half-closed: dropping what the client still sends
+    linger_until = 0.0
+    lingered_bytes = 0
+
+    def __init__(self, server: "NodeServer", sock: socket.socket, addr: Any, adj: Adjustments,
+                 map: dict | None = None) -> None:
+        self.ready_since = self.last_received = time.monotonic()
+        super().__init__(server, sock, addr, adj, map)
+
+    def parser_class(self, adj: Adjustments) -> NodeParser:  # waitress calls self.parser_class(self.adj)
+        return NodeParser(adj, self.server.gate, self._refused)
+
+    def _refused(self) -> None:
+        self.refused = True
+
+    def received(self, data: bytes) -> bool:
+        self.last_received = time.monotonic()
+        return super().received(data)
+
+    def service(self) -> None:
+        try:
+            super().service()
+        finally:
+            self.ready_since = time.monotonic()  # the client's clock for its next head starts now
+
+    # -- deadlines (NodeServer.maintenance, on the I/O thread) --
+
+    def check_deadlines(self, now: float, header_timeout: float, body_timeout: float) -> None:
+        if self.lingering:
+            if now >= self.linger_until:
+                self.will_close = True
+            return
+        if self.requests or self.total_outbufs_len or self.will_close or self.close_when_flushed:
+            self.ready_since = now  # serving it, or sending it an answer: not the client's time
+            return
+        request = self.request
+        if request is None or not request.headers_finished:
+            if now - self.ready_since > header_timeout:
+                if request is None:
+                    self.will_close = True  # nothing of a request came: close, no answer
+                else:
+                    self.answer_late(f"the request head did not arrive whole within {header_timeout:g} s "
+                                     f"(header_timeout)")
+        elif not request.completed and now - self.last_received > body_timeout:
+            self.answer_late(f"the request body stopped arriving for {body_timeout:g} s (body_timeout)")
+
+    def answer_late(self, message: str) -> None:
+        """408 and close, written from the I/O thread (no request of this channel is being served)."""
+        with self.requests_lock:
+            request, self.request = self.request, None
+        if request is not None:
+            request.close()
+        status, headers, body = Refusal(RequestTimeout(message)).to_response()
+        lines = [f"HTTP/1.1 {status}", *(f"{name}: {value}" for name, value in headers),
+                 f"Content-Length: {len(body)}", "Connection: close", f"Server: {self.adj.ident}",
+                 f"Date: {waitress.utilities.build_http_date(time.time())}"]
+        answer = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        with self.outbuf_lock:
+            self.outbufs[-1].append(answer)
+            self.total_outbufs_len += len(answer)
+            self.current_outbuf_count += len(answer)
+        self.refused = True
+        self.close_when_flushed = True
+        log.info("%s: 408, %s", self.addr[0] if self.addr else "-", message)
+
+    # -- the gentle close --
+
+    def readable(self) -> bool:
+        return True if self.lingering else super().readable()
+
+    def writable(self) -> bool:
+        return self.will_close if self.lingering else super().writable()
+
+    def handle_read(self) -> None:
+        if not self.lingering:
+            super().handle_read()
+            return
+        try:
+            data = self.recv(self.adj.recv_bytes)  # b"" once the client closed: recv closes the channel
+        except OSError:
+            self.handle_close()
+            return
+        self.lingered_bytes += len(data)
+        if self.lingered_bytes > LINGER_BYTES:
+            self.handle_close()
+
+    def handle_close(self) -> None:
+        """After a refusal, half-close instead: the answer is sent, the client sees the end of it, and what it
+        still sends is dropped until it closes or LINGER_SECONDS pass. Closing at once with its body unread
+        would reset the connection, and a client still sending would never read the answer."""
+        if self.refused and not self.lingering and self.socket is not None and not self.total_outbufs_len:
+            try:
+                self.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            else:
+                self.lingering = True
+                self.will_close = self.close_when_flushed = False
+                self.linger_until = time.monotonic() + LINGER_SECONDS
+                return
+        self.lingering = False
+        super().handle_close()
+
+
+class NodeServer(waitress.server.TcpWSGIServer):
+    """waitress's TCP server with NodeChannel connections and their deadlines checked every second."""
+
+    channel_class = NodeChannel
+
+    def __init__(self, application: Any, gate: Gate, **kw: Any) -> None:
+        self.gate = gate
+        super().__init__(application, **kw)
+
+    def maintenance(self, now: float) -> None:
+        super().maintenance(now)  # waitress: closes connections idle for channel_timeout (a reader that stopped)
+        config, monotonic = self.gate.config, time.monotonic()
+        for channel in list(self.active_channels.values()):
+            if isinstance(channel, NodeChannel):
+                channel.check_deadlines(monotonic, config.header_timeout, config.body_timeout)
+
+
+def connection_limit(wanted: int) -> int:
+    """`wanted`, or less where the platform cannot serve that many: select() without poll() (Windows), or a
+    descriptor limit the process cannot raise far enough (raised here where it can)."""
+    limit = wanted
+    if not hasattr(select, "poll") and limit > SELECT_LIMIT:
+        log.warning("connection_limit %d lowered to %d: this platform has no poll(), and select() takes no more",
+                    limit, SELECT_LIMIT)
+        limit = SELECT_LIMIT
+    try:
+        import resource
+    except ImportError:  # Windows: no descriptor limit of this kind
+        return limit
+    needed = DESCRIPTORS_PER_CONNECTION * limit + RESERVED_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        fitted = max(1, (soft - RESERVED_DESCRIPTORS) // DESCRIPTORS_PER_CONNECTION)
+        log.warning("connection_limit %d lowered to %d: the process may open only %d files (ulimit -n)",
+                    limit, fitted, soft)
+        limit = fitted
+    return limit
+
+
+def create_server(app: Any, gate: Gate, config: Config) -> Any:
+    """What waitress.server.create_server does, with NodeServer for its TcpWSGIServer."""
+    adj = Adjustments(host=config.host, port=config.port, threads=config.threads, ident=SERVER_IDENT,
+                      # the Gate holds each endpoint to its own limit; this is waitress's backstop above them all
+                      max_request_body_size=max(config.max_upload_bytes, config.max_body_bytes) + 1,
+                      connection_limit=connection_limit(config.connection_limit),
+                      cleanup_interval=MAINTENANCE_SECONDS, asyncore_use_poll=True)
+    socket_map: dict[int, Any] = {}
+    dispatcher = ThreadedTaskDispatcher()
+    dispatcher.set_thread_count(adj.threads)
+    servers = [NodeServer(app, gate, map=socket_map, dispatcher=dispatcher, adj=adj, sockinfo=sockinfo)
+               for sockinfo in adj.listen]
+    if len(servers) == 1:
+        return servers[0]
+    return waitress.server.MultiSocketServer(socket_map, adj, [(s.effective_host, s.effective_port) for s in servers],
+                                             dispatcher, servers[-1].log_info)
+
+
 def refuse_unsafe_address(config: Config) -> None:
     if config.host not in LOOPBACK_HOSTS and not config.api_key:
         raise SystemExit(f"error: refusing to listen on {config.host} without an API key; "
                          f"set --api-key (EMR_API_KEY) or listen on 127.0.0.1")
+
+
+def block_signals(signals: set[signal.Signals], block: bool) -> None:
+    if hasattr(signal, "pthread_sigmask"):  # POSIX; Windows delivers signals to the main thread anyway
+        signal.pthread_sigmask(signal.SIG_BLOCK if block else signal.SIG_UNBLOCK, signals)
 
 
 def serve(config: Config) -> None:
@@ -51,20 +339,18 @@ def serve(config: Config) -> None:
     node: Node = app.extensions["emr_node"]
     waitress_errors_as_json()
     # Threads started while the stop signals are blocked inherit the block, so SIGTERM and
-    # SIGINT reach the main thread and interrupt its select() at once, not a second later.
+    # SIGINT reach the main thread and interrupt its poll() at once, not a second later.
     stop_signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    block_signals(stop_signals, True)
     try:
-        server: Any = waitress.server.create_server(
-            app, host=config.host, port=config.port, threads=config.threads, ident=SERVER_IDENT,
-            max_request_body_size=config.max_upload_bytes)
+        server = create_server(app, app.extensions["emr_gate"], config)
         node.start()
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+        block_signals(stop_signals, False)
     for stop_signal in stop_signals:
         signal.signal(stop_signal, lambda *_: sys.exit(0))
-    log.info("%s node on %s (chain of %d, IPFS API %s, data %s)", config.role_name, config.own_url,
-             len(node.chain()), config.ipfs_api, config.data_path)
+    log.info("%s node on %s (chain of %d, IPFS API %s, data %s, up to %d connections)", config.role_name,
+             config.own_url, len(node.chain()), config.ipfs_api, config.data_path, server.adj.connection_limit)
     try:
         server.run()
     except (KeyboardInterrupt, SystemExit):

@@ -114,7 +114,7 @@ def test_upload_beyond_the_cap_is_refused_without_filling_the_disk(capped_node, 
     response = requests.post(capped_node.url + "/create_hash", files={"file": ("big.bin", b"x" * (5 * MIB))},
                              timeout=30)
     assert response.status_code == 413 and "larger" in response.json()["error"]
-    assert listing(tmp_path / "capped" / ".uploads") == []
+    assert listing(tmp_path / "capped" / ".emr" / "uploads") == []
     small = requests.post(capped_node.url + "/create_hash", files={"file": ("small.bin", b"x" * 1000)}, timeout=30)
     assert small.status_code == 200
 
@@ -131,5 +131,5 @@ def test_chunked_upload_without_a_length_is_cut_off_at_the_cap(capped_node, tmp_
     response = requests.post(capped_node.url + "/create_hash", data=body(), timeout=30,
                              headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert response.status_code == 413
-    assert listing(tmp_path / "capped" / ".uploads") == []
+    assert listing(tmp_path / "capped" / ".emr" / "uploads") == []
     assert capped_node.get("/health").status_code == 200
