@@ -279,6 +279,12 @@ def blocks() -> Any:
     return jsonify(current_node().blocks(request.args.get("from", "1")))
 
 
+@api.post("/receive_transactions")
+@serves(Action.GOSSIP)
+def receive_transactions() -> Any:
+    return jsonify(current_node().receive_transactions(json_body("transactions"), from_node()))
+
+
 @api.post("/receive_block")
 @serves(Action.GOSSIP)
 def receive_block() -> Any:

@@ -65,6 +65,8 @@ class Config:
     max_peers: int = _setting(32, "most peers a node keeps")
     max_peer_faults: int = _setting(5, "misbehaviours in a row (answers too large, too slow, malformed or "
                                        "invalid) after which a peer is dropped")
+    peer_ban_seconds: float = _setting(600.0, "seconds a peer dropped for its faults is not taken back "
+                                              "(/remove_node forgives it at once)")
     max_sync_bytes: int = _setting(32 * MIB, "most bytes of blocks taken from one peer in one sync round; a longer "
                                              "chain is taken in several rounds")
     sync_page_bytes: int = _setting(1 * MIB, "about how many bytes of blocks one answer to /blocks holds")

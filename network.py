@@ -32,12 +32,16 @@ from urllib.parse import urlsplit
 from blockchain import GENESIS_INDEX, Block, Blockchain, Receipt, Transaction, hash_block
 from config import LOOPBACK_HOSTS, WILDCARD_HOSTS, Config, split_list
 from errors import BadInput, Busy, Conflict, PeerError, PeerMisbehaved, PeerRefused
-from wire import Limits, PeerClient
+from wire import Limits, PeerClient, PeerConnection
 
 log = logging.getLogger("emr.network")
 
 NODE_HEADER = "X-EMR-Node"  # the calling node's own URL, on node-to-node requests
 OUTBOX_LIMIT = 10_000
+TRANSACTION_PATH = "/receive_transaction"
+TRANSACTIONS_PATH = "/receive_transactions"
+GOSSIP_BATCH = 500  # transactions in one gossip request: well under max_body_bytes even at their largest
+CLOSE = "close"
 SYNC_THREADS = 8  # peers fetched at once in one sync
 SYNCS_AT_ONCE = 2  # syncs running at once for requests (more are refused: Busy), and apart for the background
 SYNC_ROUND_DEADLINES = 10  # one sync with one peer takes at most this many peer timeouts, however many pages
@@ -102,6 +106,7 @@ class Outbox:
     def __init__(self, network: "Network", netloc: str, base_url: str) -> None:
         self.network, self.netloc, self.base_url = network, netloc, base_url
         self.queue: queue.Queue[tuple[str, Any] | None] = queue.Queue(OUTBOX_LIMIT)
+        self.dropped = 0
         self.thread = threading.Thread(target=self._run, name=f"outbox-{netloc}", daemon=True)
         self.thread.start()
 
@@ -109,7 +114,10 @@ class Outbox:
         try:
             self.queue.put_nowait((path, body))
         except queue.Full:
-            log.warning("outbox to %s is full; dropped %s (the peer catches up when it syncs)", self.netloc, path)
+            self.dropped += 1
+            if self.dropped == 1:  # once per spell: a peer that cannot keep up must not flood the log too
+                log.warning("outbox to %s is full; dropping messages until it drains (the peer catches up when "
+                            "it syncs)", self.netloc)
 
     def close(self) -> None:
         try:
@@ -119,17 +127,41 @@ class Outbox:
             self.queue.put_nowait(None)
 
     def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
+        connection = self.network.client.connection(self.base_url)
+        held: tuple[str, Any] | None = None
+        while (item := held or self.queue.get()) is not None:
+            held = None
+            if self.dropped and self.queue.empty():
+                log.warning("outbox to %s drained; %d messages were dropped", self.netloc, self.dropped)
+                self.dropped = 0
             path, body = item
-            try:
-                status, answer = self.network.client.post_json(self.base_url + path, body)
-                if status >= 400:
-                    log.warning("peer %s answered %s to %s: %.200s", self.netloc, status, path,
-                                answer.decode("utf-8", "replace"))
-            except PeerMisbehaved as exc:
-                self.network.fault(self.netloc, f"{path}: {exc}")
-            except PeerError as exc:
-                log.warning("peer %s unreachable for %s (%s); it catches up when it syncs", self.netloc, path, exc)
+            if path == TRANSACTION_PATH:  # every transaction waiting behind this one goes in the same request
+                batch = [body]
+                while len(batch) < GOSSIP_BATCH and held is None:
+                    try:
+                        following = self.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if following is not None and following[0] == TRANSACTION_PATH:
+                        batch.append(following[1])
+                    else:
+                        held = following or (CLOSE, None)
+                path, body = TRANSACTIONS_PATH, {"transactions": batch}
+            self._deliver(connection, path, body)
+            if held is not None and held[0] == CLOSE:
+                break
+        connection.close()
+
+    def _deliver(self, connection: PeerConnection, path: str, body: Any) -> None:
+        try:
+            status, answer = self.network.client.post_json(connection, path, body)
+            if status >= 400:
+                log.warning("peer %s answered %s to %s: %.200s", self.netloc, status, path,
+                            answer.decode("utf-8", "replace"))
+        except PeerMisbehaved as exc:
+            self.network.fault(self.netloc, f"{path}: {exc}")
+        except PeerError as exc:
+            log.warning("peer %s unreachable for %s (%s); it catches up when it syncs", self.netloc, path, exc)
 
 
 class Network:
@@ -153,6 +185,8 @@ class Network:
         self._own_netlocs = self._netlocs_of_self(config)
         self._lock = threading.Lock()
         self._peers: dict[str, Peer] = {}
+        self._banned: dict[str, float] = {}  # netloc -> until when (monotonic) it is not taken back
+        self.ban_seconds = config.peer_ban_seconds
         self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sync")
         self._request_slots = threading.BoundedSemaphore(SYNCS_AT_ONCE)
         self._background_slots = threading.BoundedSemaphore(SYNCS_AT_ONCE)
@@ -194,13 +228,18 @@ class Network:
         checked = [peer_netloc(url, self.allowed) for url in urls]
         ignored, added = [], []
         with self._lock:
-            fresh = {netloc for netloc, _ in checked if netloc not in self._peers and netloc not in self._own_netlocs}
+            fresh = {netloc for netloc, _ in checked if netloc not in self._peers and netloc not in self._own_netlocs
+                     and netloc not in self._banned}
             if len(self._peers) + len(fresh) > self.max_peers:
                 raise Conflict(f"this node has {len(self._peers)} peers and may have at most {self.max_peers} "
                                f"(max_peers); remove some with /remove_node first")
+            now = time.monotonic()
             for netloc, base_url in checked:
                 if netloc in self._own_netlocs:
                     ignored.append(f"{netloc} (this node)")
+                elif self._banned.get(netloc, now) > now:
+                    ignored.append(f"{netloc} (dropped for misbehaving; taken back in "
+                                   f"{self._banned[netloc] - now:.0f}s, or at once after /remove_node)")
                 elif netloc not in self._peers:
                     self._peers[netloc] = Peer(netloc, base_url, Outbox(self, netloc, base_url))
                     added.append(netloc)
@@ -220,6 +259,8 @@ class Network:
         with self._lock:
             for netloc in netlocs:
                 peer = self._peers.pop(netloc, None)
+                if self._banned.pop(netloc, None) is not None:
+                    continue  # an operator forgives a peer dropped for its faults: it may connect again
                 if peer is None:
                     unknown.append(netloc)
                 else:
@@ -242,8 +283,11 @@ class Network:
             if dropped:
                 del self._peers[netloc]
                 peer.outbox.close()
+                self._banned = {other: until for other, until in self._banned.items() if until > time.monotonic()}
+                self._banned[netloc] = time.monotonic() + self.ban_seconds
         if dropped:
-            log.warning("dropped peer %s after %d faults in a row; the last: %s", netloc, self.max_peer_faults, why)
+            log.warning("dropped peer %s after %d faults in a row (not taken back for %gs); the last: %s", netloc,
+                        self.max_peer_faults, self.ban_seconds, why)
             self.on_peers_change()
         else:
             log.warning("peer %s misbehaved (%d in a row): %s", netloc, peer.faults, why)
@@ -283,7 +327,7 @@ class Network:
     def add_transaction(self, tx: Transaction, sender: str | None = None) -> Receipt:
         receipt = self.blockchain.add_transaction(tx)
         if receipt.new:
-            self._gossip("/receive_transaction", receipt.transaction, exclude=sender)
+            self._gossip(TRANSACTION_PATH, receipt.transaction, exclude=sender)
         return receipt
 
     def mine_block(self) -> Block:

@@ -35,6 +35,7 @@ UPLOADS_FOLDER = "uploads"
 IMPORTED_SUFFIX = ".imported"
 PRIVATE_FOLDER_MODE = 0o700
 SIZE_CACHE_ENTRIES = 100_000
+MAX_GOSSIP_BATCH = 1000
 CONNECT_EXAMPLE = '["http://127.0.0.1:5003"]'
 BLOCK_INDEX = re.compile(r"[0-9]{1,18}")
 
@@ -107,6 +108,22 @@ class Node:
         if not isinstance(tx, dict) or "id" not in tx:
             raise BadInput("'id' is required on a transaction from another node")
         return self.network.add_transaction(tx, sender=self.network.sender_netloc(from_node))
+
+    def receive_transactions(self, body: Any, from_node: str | None = None) -> dict[str, Any]:
+        """A batch of transactions a peer gossiped: each is taken or refused on its own."""
+        batch = body.get("transactions") if isinstance(body, dict) else None
+        if not isinstance(batch, list) or not 0 < len(batch) <= MAX_GOSSIP_BATCH or \
+                not all(isinstance(tx, dict) for tx in batch):
+            raise BadInput(f"'transactions' must be a list of 1 to {MAX_GOSSIP_BATCH} transaction objects")
+        sender, counts, refused = self.network.sender_netloc(from_node), {"new": 0, "known": 0}, []
+        for tx in batch:
+            try:
+                if "id" not in tx:
+                    raise BadInput("'id' is required on a transaction from another node")
+                counts["new" if self.network.add_transaction(tx, sender=sender).new else "known"] += 1
+            except BadInput as exc:
+                refused.append({"id": tx.get("id"), "error": str(exc)})
+        return {**counts, "refused": refused}
 
     def mine_block(self) -> Block:
         return self.network.mine_block()

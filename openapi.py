@@ -223,6 +223,17 @@ PATHS: dict[str, Any] = {
          200: _object({"index": {"type": "integer"}, "new": {"type": "boolean"}}, ["index", "new"])}, 503,
         body=_json_body(SCHEMAS["Transaction"] | {"required": ["user_id", "ipfs_hash", "EHR_name", "id"]}),
         tag="network")},
+    "/receive_transactions": {"post": _operation(
+        "Node to node: transactions gossiped by a peer, in one batch; each is taken or refused on its own",
+        {200: _object({"new": {"type": "integer"}, "known": {"type": "integer"},
+                       "refused": {"type": "array", "items": _object({"id": {"type": ["string", "null"]},
+                                                                      "error": _message}, ["id", "error"])}},
+                      ["new", "known", "refused"])}, 503,
+        body=_json_body(_object({"transactions": {
+            "type": "array", "minItems": 1, "maxItems": 1000,
+            "items": {"type": "object", "description": "a Transaction with its id; one that is not is listed "
+                                                       "under 'refused' and the others are still taken"}}},
+            ["transactions"])), tag="network")},
     "/receive_block": {"post": _operation(
         "Node to node: a block a peer mined", {200: _object({"outcome": _message}, ["outcome"])},
         body=_json_body(_ref("Block")), tag="network")},

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import heapq
 import itertools
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 from urllib.parse import urlsplit
@@ -29,6 +31,7 @@ SMALL_DOCUMENT_VALUES = 1024
 DEPTH_PREFIX_BRACKETS = 4096  # deep nesting shows in its first brackets: judged before the cost of the whole  # any document may hold this many values whatever its size: its parse is small anyway
 MAX_INTEGER_DIGITS = 19  # what fits in 63 bits; no nonce, index or size of the protocol is longer
 READ_CHUNK_BYTES = 64 * 1024
+POST_ANSWER_BYTES = 64 * 1024  # gossip and announcements are answered with a line of JSON
 STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 BRACKET = re.compile(r"[\[\]{}]")
 
@@ -98,20 +101,101 @@ class Limits:
     max_depth: int
 
 
+class Watch:
+    """One exchange's deadline: when it passes, the watchdog cuts the socket and marks the watch expired."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock, self.deadline = sock, deadline
+        self.expired = False
+        self.done = False
+
+    def expire(self) -> None:
+        self.expired = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class Watchdog:
+    """One thread for every deadline of a client (a timer thread per exchange cost more than the exchange)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Watch]] = []
+        self._order = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, sock: socket.socket, seconds: float) -> Watch:
+        watch = Watch(sock, time.monotonic() + seconds)
+        with self._wake:
+            heapq.heappush(self._heap, (watch.deadline, next(self._order), watch))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="peer-deadlines", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        return watch
+
+    def _run(self) -> None:
+        with self._wake:
+            while True:
+                while self._heap and self._heap[0][2].done:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._wake.wait()
+                    continue
+                deadline, _, watch = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._wake.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                watch.expire()
+
+
+class PeerConnection:
+    """A kept-alive connection to one peer, for one thread at a time (an outbox sends its messages on one)."""
+
+    def __init__(self, client: "PeerClient", base_url: str) -> None:
+        self.client = client
+        self.parts = urlsplit(base_url)
+        self.http: http.client.HTTPConnection | None = None
+
+    def open(self) -> http.client.HTTPConnection:
+        if self.http is None:
+            kind = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
+            self.http = kind(self.parts.hostname, self.parts.port, timeout=self.client.limits.deadline)
+        return self.http
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
+            self.http = None
+
+
 class PeerClient:
     """HTTP to other nodes, each exchange under one deadline and a size cap.
 
-    http.client, not requests: a watchdog must be able to cut the socket when the deadline passes,
+    http.client, not requests: the watchdog must be able to cut the socket when the deadline passes,
     whatever the exchange is doing (waiting for headers, reading a trickle), and no proxy settings apply.
     """
 
     def __init__(self, limits: Limits, headers: dict[str, str]) -> None:
         self.limits = limits
         self.headers = headers
+        self.watchdog = Watchdog()
+
+    def connection(self, base_url: str) -> PeerConnection:
+        return PeerConnection(self, base_url)
 
     def get_json(self, url: str) -> tuple[Any, int]:
         """(the JSON value a GET answered, its size in bytes)."""
-        status, body = self._exchange("GET", url, None)
+        parts = urlsplit(url)
+        connection = self.connection(f"{parts.scheme}://{parts.netloc}")
+        try:
+            status, body = self._exchange(connection, "GET", _target(parts), None, self.limits.max_bytes)
+        finally:
+            connection.close()
         if status != 200:
             raise PeerError(f"answered HTTP {status}")
         try:
@@ -119,53 +203,56 @@ class PeerClient:
         except BadInput as exc:
             raise PeerMisbehaved(str(exc)) from None
 
-    def post_json(self, url: str, body: Any) -> tuple[int, bytearray]:
-        """POST a JSON body; (status, at most max_bytes of the answer)."""
-        return self._exchange("POST", url, json.dumps(body).encode())
-
-    def _exchange(self, method: str, url: str, body: bytes | None) -> tuple[int, bytearray]:
-        parts = urlsplit(url)
-        connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        connection = connection_class(parts.hostname, parts.port, timeout=self.limits.deadline)
-        expired = threading.Event()
-        opened: list[socket.socket] = []  # http.client drops its reference when an answer ends in "close"
-
-        def cut() -> None:
-            expired.set()
-            for sock in opened:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-        watchdog = threading.Timer(self.limits.deadline, cut)
-        watchdog.daemon = True
-        watchdog.start()
+    def post_json(self, connection: PeerConnection, path: str, body: Any) -> tuple[int, bytearray]:
+        """POST a JSON body on a kept-alive connection; (status, the answer: a short acknowledgement, so at most
+        POST_ANSWER_BYTES). A connection the peer closed meanwhile is opened again once: gossip is idempotent."""
+        data = json.dumps(body).encode()
+        limit = min(self.limits.max_bytes, POST_ANSWER_BYTES)
         try:
-            headers = dict(self.headers)
-            if body is not None:
-                headers["Content-Type"] = "application/json"
-            connection.connect()
-            opened.append(connection.sock)
-            if expired.is_set():
-                cut()
-            connection.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body, headers)
-            response = connection.getresponse()
+            return self._exchange(connection, "POST", path, data, limit)
+        except PeerMisbehaved:
+            raise
+        except PeerError:
+            return self._exchange(connection, "POST", path, data, limit)
+
+    def _exchange(self, connection: PeerConnection, method: str, target: str, body: bytes | None,
+                  max_bytes: int) -> tuple[int, bytearray]:
+        headers = dict(self.headers)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        watch: Watch | None = None
+        try:
+            conn = connection.open()
+            if conn.sock is None:
+                conn.connect()
+            watch = self.watchdog.watch(conn.sock, self.limits.deadline)
+            conn.request(method, target, body, headers)
+            response = conn.getresponse()
             declared = response.getheader("Content-Length")
-            if declared and declared.isdigit() and int(declared) > self.limits.max_bytes:
-                raise PeerMisbehaved(f"answer of {declared} bytes is larger than {self.limits.max_bytes}")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise PeerMisbehaved(f"answer of {declared} bytes is larger than {max_bytes}")
             received = bytearray()
             while chunk := response.read1(READ_CHUNK_BYTES):
                 received += chunk
-                if len(received) > self.limits.max_bytes:
-                    raise PeerMisbehaved(f"answer larger than {self.limits.max_bytes} bytes")
-            if expired.is_set():  # the watchdog cut the socket: what arrived is not the whole answer
+                if len(received) > max_bytes:
+                    raise PeerMisbehaved(f"answer larger than {max_bytes} bytes")
+            if watch.expired:  # the watchdog cut the socket: what arrived is not the whole answer
                 raise PeerMisbehaved(f"did not answer within {self.limits.deadline:g}s")
+            if response.will_close:
+                connection.close()
             return response.status, received
+        except PeerMisbehaved:
+            connection.close()
+            raise
         except (OSError, http.client.HTTPException) as exc:
-            if expired.is_set():
+            connection.close()
+            if watch is not None and watch.expired:
                 raise PeerMisbehaved(f"did not answer within {self.limits.deadline:g}s") from None
             raise PeerError(f"unreachable ({type(exc).__name__})") from None
         finally:
-            watchdog.cancel()
-            connection.close()
+            if watch is not None:
+                watch.done = True
+
+
+def _target(parts: Any) -> str:
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")

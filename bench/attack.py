@@ -1,14 +1,15 @@
 """Item 7: honest clients while hostile ones attack.
 
 In one run, round by round and interleaved, the same node serves honest add_transaction load (bench/loadgen.py, in
-its own process) once with no attacker and once under attack, and /health is timed in both. The attack: 100
+its own process) once with no attacker and once under attack, and /health is timed in both. The attack: 10
+hostile peers (dripping, endless, garbage, deeply nested and packed answers, reconnecting when dropped), 100
 sockets trickling request heads (slowloris) and slow readers of a large download. Goals: add_transaction under
 attack >= 70% of the same run without attackers; /health p99 under attack < 100 ms; every acknowledged transaction
 in the chain exactly once.
 
 Attackers are a list (`make_attackers`): each is started before a measured run, keeps up its pressure during it
-(reconnecting when the node cuts it off), and is stopped after it with a few numbers of its own. Another kind,
-hostile peers say, plugs in as one more class with `name`, `start(target)` and `stop() -> dict`.
+(reconnecting when the node cuts it off), and is stopped after it with a few numbers of its own. Another kind plugs
+in as one more class with `name`, `start(target)` and `stop() -> dict`.
 
     .venv/bin/python bench/attack.py                   # standalone: its own Kubo and node, results on stdout
     .venv/bin/python bench/attack.py --rounds 1 --attack-seconds 4 --out /tmp/attack.json
@@ -48,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser | Any) -> None:
     parser.add_argument("--attack-rounds", type=int, default=3, help="rounds of quiet and attacked runs (default 3)")
     parser.add_argument("--attack-connections", type=int, default=32,
                         help="honest add_transaction connections (default 32, as item 3)")
+    parser.add_argument("--hostile-peers", type=int, default=10,
+                        help="loopback servers posing as misbehaving peers (default 10)")
     parser.add_argument("--slow-heads", type=int, default=100, help="sockets trickling request heads (default 100)")
     parser.add_argument("--slow-readers", type=int, default=20,
                         help="clients reading a large download slowly (default 20, more than the node's threads)")
@@ -193,9 +196,59 @@ class SlowReaders:
         return dict(self.stats)
 
 
+@dataclass
+class HostilePeers:
+    """`count` loopback servers posing as peers, each misbehaving its own way (dripping, endless, garbage,
+    deeply nested and packed answers: scripts/hostile.py). They connect to the node as a node announces itself,
+    and again every `interval` seconds, so that when the node drops one for its faults it comes back: the node
+    then syncs with it again and gossips every honest transaction to it."""
+
+    count: int = 10
+    interval: float = 1.0
+    name: str = "hostile peers"
+    stats: Counter[str] = field(default_factory=Counter)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _peers: list[Any] = field(default_factory=list)
+
+    def start(self, target: Target) -> None:
+        from scripts import hostile
+
+        kinds = [hostile.drip(1.0), hostile.endless_body(), hostile.garbage(), hostile.nested(), hostile.packed()]
+        self._peers = [hostile.HostilePeer(kinds[number % len(kinds)]) for number in range(self.count)]
+        self._thread = threading.Thread(target=self._run, args=(target.port,), name=self.name, daemon=True)
+        self._thread.start()
+
+    def _run(self, port: int) -> None:
+        api = Http(port, timeout=HEALTH_TIMEOUT)
+        while True:
+            for peer in self._peers:
+                try:
+                    status, _ = api.request("POST", "/connect_node", json.dumps({"nodes": [peer.url]}).encode(),
+                                            headers={"Content-Type": "application/json", "X-EMR-Node": peer.url})
+                    self.stats[f"connect answered {status}"] += 1
+                except OSError as exc:
+                    self.stats[f"connect {type(exc).__name__}"] += 1
+                    api.close()
+            if self._stop.wait(self.interval):
+                break
+        api.close()
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self.stats["requests the node made to them"] = sum(len(peer.asked) for peer in self._peers)
+        for peer in self._peers:
+            peer.close()
+        return dict(self.stats)
+
+
 def make_attackers(args: Any) -> list[Attacker]:
     """The attack of one measured run; add another kind of attacker here."""
     attackers: list[Attacker] = []
+    if args.hostile_peers:
+        attackers.append(HostilePeers(args.hostile_peers))
     if args.slow_heads:
         attackers.append(SlowHeads(args.slow_heads))
     if args.slow_readers:
@@ -301,7 +354,8 @@ def run(ctx: Any) -> dict[str, Any]:
     p99 = {mode: {kind: _ms(samples, 0.99) for kind, samples in kinds.items()} for mode, kinds in health.items()}
     health_failures = sum(sum(r[key]["failures"].values()) for r in runs["attack"]
                           for key in ("health_alone_ms", "health_with_load_ms"))
-    attack_text = f"{args.slow_heads} slow heads + {args.slow_readers} slow readers of {args.slow_file_mib} MiB"
+    attack_text = (f"{args.hostile_peers} hostile peers + {args.slow_heads} slow heads + {args.slow_readers} slow "
+                   f"readers of {args.slow_file_mib} MiB")
     goals = [
         {"item": "7", "name": f"add_transaction under attack ({attack_text}), {args.attack_connections} connections",
          "goal": f">= {RATE_GOAL:.0%} of the same run without attackers",

@@ -27,6 +27,8 @@ if str(ROOT) not in sys.path:
 
 from scripts.cluster import Kubo, NodeProcess, free_port, node_args, write_sample_record  # noqa: E402,F401 (re-exported)
 
+BENCH_MAX_PENDING = 10_000_000
+
 MB = 1_000_000
 MIB = 1024 * 1024
 SAMPLE_SIZE = 63_795  # the paper's 62.3 KB MRI report (write_sample_record)
@@ -221,7 +223,9 @@ class Cluster:
     def node(self, name: str, ipfs: Kubo | None, role: str = "patient", **settings: Any) -> NodeProcess:
         port = free_port()
         data_dir = self.workdir / "nodes" / name
-        base: dict[str, Any] = {"data_dir": str(data_dir), "sync_interval": 0,
+        # The load runs add thousands of transactions a second and mine only between runs: no pending limit
+        # (max_pending, there for a node under attack) may stand in the way of what they measure.
+        base: dict[str, Any] = {"data_dir": str(data_dir), "sync_interval": 0, "max_pending": BENCH_MAX_PENDING,
                                 "ipfs_api": ipfs.api_url if ipfs else f"http://127.0.0.1:{free_port()}"}
         process = NodeProcess(port, node_args(role, **{**base, **settings}), self.workdir / "logs" / f"{name}.log")
         self.nodes.append(process)
@@ -241,7 +245,7 @@ class Cluster:
         port = free_port()
         data_dir = self.workdir / "nodes" / name
         args = node_args("patient", **{"data_dir": str(data_dir), "sync_interval": 0, "ipfs_api": ipfs.api_url,
-                                       "port": port, **settings})
+                                       "port": port, "max_pending": BENCH_MAX_PENDING, **settings})
         code = ("import logging, signal, sys\n"
                 "from app import create_app\n"
                 "from config import load_config\n"

@@ -183,3 +183,14 @@ def test_concurrent_adds_and_mines_put_every_transaction_in_exactly_one_block(cl
     assert len(acknowledged) == adders * per_adder
     assert [block["index"] for block in chain] == list(range(1, len(chain) + 1))
     assert client.get("/is_valid").get_json()["valid"]
+
+
+def test_a_gossiped_batch_takes_each_transaction_on_its_own(client) -> None:
+    good = [{**paper_transaction(EHR_name=f"batch {number}"), "id": f"{number:032x}"} for number in range(3)]
+    bad = {**paper_transaction(ipfs_hash="not-a-cid"), "id": "f" * 32}
+    response = client.post("/receive_transactions", json={"transactions": [good[0], bad, *good[1:], good[0]]})
+    assert response.status_code == 200
+    body = response.get_json()
+    assert (body["new"], body["known"]) == (3, 1)
+    assert body["refused"] == [{"id": "f" * 32, "error": "'ipfs_hash' is not an IPFS CID (expected Qm... or b...)"}]
+    assert sorted(tx["id"] for tx in client.node.blockchain.pending) == [tx["id"] for tx in good]

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -17,8 +15,8 @@ import requests
 from blockchain import hash_block, proof_of_work
 from conftest import paper_transaction, wait_until
 from scripts.cluster import NodeProcess, free_port
+from scripts.hostile import MIB, Answer, HostilePeer, drip, endless_body, garbage, nested, packed, serving
 
-MIB = 1024 * 1024
 MEMORY_BOUND_MIB = 200  # a node holding a short chain stays far below this whatever a peer sends
 HEALTH_SECONDS = 2.0  # generous: the 100 ms target is measured in bench/, not asserted in a timed test
 
@@ -32,88 +30,17 @@ def health_answers(node: NodeProcess) -> bool:
     return requests.get(node.url + "/health", timeout=HEALTH_SECONDS).status_code == 200
 
 
-class HostilePeer:
-    """Answers every request with what `answer(method, path)` returns: (status, body bytes or a generator of
-    chunks, seconds to wait between chunks). It records what it was asked."""
-
-    def __init__(self, answer: Callable[[str, str], tuple[int, Any, float]]) -> None:
-        self.answer = answer
-        self.asked: list[str] = []
-        peer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def handle_one(self, method: str) -> None:
-                if method == "POST":
-                    self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                peer.asked.append(f"{method} {self.path}")
-                status, body, pause = peer.answer(method, self.path)
-                chunks = [body] if isinstance(body, bytes) else body
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Connection", "close")
-                if isinstance(body, bytes):
-                    self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                try:
-                    for chunk in chunks:
-                        self.wfile.write(chunk)
-                        self.wfile.flush()
-                        time.sleep(pause)
-                except OSError:
-                    pass  # the node hung up on us: that is the point
-
-            def do_GET(self) -> None:
-                self.handle_one("GET")
-
-            def do_POST(self) -> None:
-                self.handle_one("POST")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def netloc(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-
 @pytest.fixture
-def hostile() -> Iterator[Callable[[Callable[[str, str], tuple[int, Any, float]]], HostilePeer]]:
+def hostile() -> Iterator[Callable[[Answer], HostilePeer]]:
     peers: list[HostilePeer] = []
 
-    def make(answer: Callable[[str, str], tuple[int, Any, float]]) -> HostilePeer:
+    def make(answer: Answer) -> HostilePeer:
         peers.append(HostilePeer(answer))
         return peers[-1]
 
     yield make
     for peer in peers:
-        peer.server.shutdown()
-
-
-def blocks_page(chain: list[dict[str, Any]], path: str, length: int | None = None) -> bytes:
-    start = int(path.split("from=", 1)[1]) if "from=" in path else 1
-    return json.dumps({"from": start, "length": length or len(chain), "blocks": chain[start - 1:]}).encode()
-
-
-def serving(chain: list[dict[str, Any]]) -> Callable[[str, str], tuple[int, Any, float]]:
-    """A peer that serves `chain` as an honest node would, and accepts whatever it is sent."""
-    def answer(method: str, path: str) -> tuple[int, Any, float]:
-        if path.startswith("/blocks"):
-            return 200, blocks_page(chain, path), 0.0
-        if path.startswith("/get_chain"):
-            return 200, json.dumps({"chain": chain, "length": len(chain)}).encode(), 0.0
-        return 200, b'{"outcome": "appended"}', 0.0
-    return answer
+        peer.close()
 
 
 def mined(node: NodeProcess, blocks: int) -> list[dict[str, Any]]:
@@ -173,13 +100,8 @@ def test_a_longer_rewrite_deeper_than_the_finality_depth_is_refused_and_shown(sp
 
 # -- every byte from a peer bounded ---------------------------------------------------
 
-def endless(chunk: bytes) -> Iterator[bytes]:
-    while True:
-        yield chunk
-
-
 def test_a_peer_answering_gossip_with_a_huge_body_costs_no_memory(spawn_node, hostile) -> None:
-    peer = hostile(lambda method, path: (200, endless(b"x" * MIB), 0.0) if method == "POST"
+    peer = hostile(lambda method, path: endless_body()(method, path) if method == "POST"
                    else (200, b'{"from": 2, "length": 1, "blocks": []}', 0.0))
     node = spawn_node(max_peer_response_bytes=MIB)
     node.post("/connect_node", {"nodes": [peer.url]})
@@ -192,8 +114,7 @@ def test_a_peer_answering_gossip_with_a_huge_body_costs_no_memory(spawn_node, ho
 
 
 def test_an_answer_of_packed_empty_objects_is_refused_before_it_is_parsed(spawn_node, hostile) -> None:
-    packed = b'{"from": 2, "length": 9, "blocks": [' + b"{}," * (5 * MIB) + b"{}]}"
-    peer = hostile(lambda method, path: (200, packed, 0.0))
+    peer = hostile(packed())
     node = spawn_node(max_peer_response_bytes=32 * MIB)
     node.post("/connect_node", {"nodes": [peer.url]})
     verdict = node.get("/replace_chain").json()["peers"][peer.netloc]
@@ -202,9 +123,9 @@ def test_an_answer_of_packed_empty_objects_is_refused_before_it_is_parsed(spawn_
 
 
 def test_a_peer_dripping_its_answer_is_cut_at_the_deadline_and_health_stays_up(spawn_node, hostile) -> None:
-    drip = hostile(lambda method, path: (200, endless(b" "), 1.0))
+    dripping = hostile(drip(1.0))
     node = spawn_node(peer_timeout=2)
-    node.post("/connect_node", {"nodes": [drip.url]})
+    node.post("/connect_node", {"nodes": [dripping.url]})
     started = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
         calls = [pool.submit(node.get, "/replace_chain") for _ in range(16)]
@@ -213,7 +134,7 @@ def test_a_peer_dripping_its_answer_is_cut_at_the_deadline_and_health_stays_up(s
         answers = [call.result() for call in calls]
     assert time.monotonic() - started < 10
     assert {answer.status_code for answer in answers} <= {200, 503}
-    verdicts = [answer.json()["peers"][drip.netloc] for answer in answers if answer.status_code == 200]
+    verdicts = [answer.json()["peers"][dripping.netloc] for answer in answers if answer.status_code == 200]
     assert verdicts and all("did not answer within 2s" in verdict for verdict in verdicts)
 
 
@@ -222,12 +143,11 @@ def test_a_poisoned_chain_is_skipped_and_good_peers_still_sync(spawn_node, hosti
     good = spawn_node()
     wanted = mined(good, 2)
     if poison == "nested":
-        page = b'{"from": 2, "length": 5, "blocks": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+        bad = hostile(nested())
     else:
         block = {**wanted[1], "nonce": 0}
         page = json.dumps({"from": 2, "length": 5, "blocks": [block]}).replace('"nonce": 0', '"nonce": ' + "9" * 5000)
-        page = page.encode()
-    bad = hostile(lambda method, path: (200, page, 0.0))
+        bad = hostile(lambda method, path: (200, page.encode(), 0.0))
     node = spawn_node()
     node.post("/connect_node", {"nodes": [bad.url, good.url]})
     body = node.get("/replace_chain").json()
@@ -247,7 +167,7 @@ def test_a_block_with_an_enormous_nonce_is_a_400_not_a_500(spawn_node) -> None:
 
 
 def test_a_peer_that_keeps_misbehaving_is_dropped(spawn_node, hostile) -> None:
-    bad = hostile(lambda method, path: (200, b"\x00\xffnot json", 0.0))
+    bad = hostile(garbage())
     node = spawn_node(max_peer_faults=3)
     node.post("/connect_node", {"nodes": [bad.url]})
     for _ in range(3):

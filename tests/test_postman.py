@@ -23,7 +23,7 @@ SCHEMA = "https://schema.getpostman.com/json/collection/v2.1.0/collection.json"
 ROLES = {"patient": "patient_url", "healthcare_authority": "authority_url", "healthcare_provider": "provider_url"}
 PAPER_PORTS = {"patient_url": 5002, "authority_url": 5003, "provider_url": 5004}
 # Served by every node, but not for a Postman user: node-to-node gossip and the API's own description.
-NOT_FOR_USERS = {"/receive_block", "/receive_transaction", "/blocks", "/openapi.json", "/docs", "/static/<path:filename>"}
+NOT_FOR_USERS = {"/receive_block", "/receive_transaction", "/receive_transactions", "/blocks", "/openapi.json", "/docs", "/static/<path:filename>"}
 # The workflow folders in run order, by the step of the paper's Fig. 3 each begins with.
 WORKFLOW_STEPS = ("0.", "3.", "4.", "5.", "6.", "7.", "8.")
 NEWMAN_SECONDS = 120
