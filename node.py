@@ -339,11 +339,11 @@ class Node:
             if target is None:
                 raise BadInput(f"'file_path' does not end in {crypto.AES_SUFFIX}: "
                                f"give 'output_path' for the decrypted file")
-        if target == self.data_dir or target.is_dir():
-            raise PathRefused("'output_path' names a folder; name the file to write")
         if len(os.fsencode(target.name)) > MAX_NAME_BYTES:
             raise PathRefused(f"the output's name would be longer than {MAX_NAME_BYTES} bytes; give a shorter "
                               f"'output_path'")
+        if target == self.data_dir or target.is_dir():
+            raise PathRefused("'output_path' names a folder; name the file to write")
         return target
 
     def _user_path(self, user_path: Any, field: str = "file_path") -> Path:

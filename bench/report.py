@@ -28,7 +28,8 @@ def _latency_rows(table: dict[str, dict[str, Any]], names: list[str] | None = No
 def goals_table(goals: list[dict[str, Any]]) -> list[str]:
     rows = ["| item | what | goal | measured | met |", "|---|---|---|---|---|"]
     for goal in goals:
-        verdict = "met" if goal["met"] else f"**not met** ({goal.get('miss') or 'missed'})"
+        verdict = ("reported" if goal["met"] is None else "met" if goal["met"]
+                   else f"**not met** ({goal.get('miss') or 'missed'})")
         rows.append(f"| {goal['item']} | {goal['name']} | {goal['goal']} | {goal['measured']} | {verdict} |")
     return rows
 

@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = parser.add_argument_group("4: proof of work")
     g.add_argument("--pow-difficulty", type=int, default=5, help="difficulty for hashes/s (default 5)")
     g.add_argument("--pow-rounds", type=int, default=6, help="previous nonces searched (default 6)")
+    g.add_argument("--rewrite-blocks", type=int, default=100,
+                   help="how deep the measured rewrite of history reaches (default 100, the finality depth)")
     g.add_argument("--mine-blocks", type=int, default=40, help="consecutive difficulty-4 blocks per mining_workers "
                                                               "setting (default 40)")
     g = parser.add_argument_group("5: scale")

@@ -133,3 +133,46 @@ def test_chunked_upload_without_a_length_is_cut_off_at_the_cap(capped_node, tmp_
     assert response.status_code == 413
     assert listing(tmp_path / "capped" / ".emr" / "uploads") == []
     assert capped_node.get("/health").status_code == 200
+
+
+ODD_OUTPUTS = {
+    "the node's store": (".emr/store.sqlite3", True),
+    "the data directory itself": (".", True),
+    "the downloads folder": ("downloads", True),
+    "a name past 255 bytes": (None, False),
+}
+
+
+@pytest.mark.parametrize("case", ODD_OUTPUTS, ids=list(ODD_OUTPUTS))
+def test_odd_output_paths_are_refused_and_write_nothing(spawn_node, tmp_path: Path, case: str) -> None:
+    data_dir = tmp_path / "odd"
+    node = spawn_node(data_dir=data_dir, persist=True)
+    node.post("/add_transaction", paper_transaction())
+    output, decrypting = ODD_OUTPUTS[case]
+    name = "r" * 253 if output is None else "MRI.pdf"
+    (data_dir / name).write_bytes(os.urandom(1000))
+    assert node.post("/encrypt_file", {"file_path": name, "password": "p", "output_path": "MRI.pdf.aes"}
+                     ).status_code == 200
+    before, around = listing(data_dir), listing(tmp_path)
+    store = (data_dir / ".emr" / "store.sqlite3").read_bytes()
+    body = {"file_path": name, "password": "p"} if output is None else \
+        {"file_path": "MRI.pdf.aes" if decrypting else name, "password": "p", "output_path": output, "overwrite": True}
+    response = node.post("/decrypt_file" if decrypting else "/encrypt_file", body)
+    assert 400 <= response.status_code < 500, response.text
+    assert listing(data_dir) == before and listing(tmp_path) == around
+    assert (data_dir / ".emr" / "store.sqlite3").read_bytes() == store
+    node.stop()
+    node.start()
+    assert node.get("/health").json()["pending"] == 1
+
+
+def test_a_lone_surrogate_in_a_path_is_a_400(spawn_node) -> None:
+    node = spawn_node()
+    response = requests.post(node.url + "/create_hash", data=b'{"file_path": "scan\\ud800.pdf"}', timeout=10,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "file_path" in response.json()["error"]
+
+
+def test_a_string_shaped_like_a_cid_that_is_none_is_a_400_not_an_ipfs_fault(ipfs_client) -> None:
+    response = ipfs_client.post("/get_file", json={"ipfs_hash": "b" + "a" * 60})
+    assert response.status_code == 400 and "ipfs_hash" in response.get_json()["error"]
