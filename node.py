@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import crypto
-from blockchain import Block, Blockchain, Receipt, Transaction, is_cid
+from blockchain import Block, Blockchain, Receipt, Transaction, hash_block, is_cid
 from config import Config
 from errors import BadInput, Busy, Conflict, InvalidBlock, IpfsError, NodeError, NotFound, PathRefused, StateDamaged
 from ipfs_client import IpfsClient
@@ -86,6 +87,8 @@ class Node:
             folder.mkdir(parents=True, exist_ok=True)
         self.state_dir.chmod(PRIVATE_FOLDER_MODE)
         self._sizes: dict[str, str] = {}
+        self._document: tuple[tuple[int, str] | None, bytes] = (None, b"")
+        self._document_lock = threading.Lock()
         self.store: Store | None = None
         if config.persist:
             self._restore()
@@ -94,6 +97,17 @@ class Node:
 
     def chain(self) -> list[Block]:
         return self.blockchain.chain
+
+    def chain_document(self) -> bytes:
+        """{"chain": ..., "length": ...} as JSON text (sorted keys, compact, as Flask writes it), made once per
+        state of the chain: many clients asking for a long chain at once share one copy instead of one each."""
+        chain = self.blockchain.chain
+        key = (len(chain), hash_block(chain[-1]))
+        with self._document_lock:
+            if self._document[0] != key:
+                self._document = (key, (json.dumps({"chain": chain, "length": len(chain)}, sort_keys=True,
+                                                   separators=(",", ":")) + "\n").encode())
+            return self._document[1]
 
     def chain_problem(self) -> str | None:
         """Why this node's own chain is not valid, or None if it is."""

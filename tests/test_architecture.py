@@ -103,7 +103,7 @@ def test_error_tree_knows_nothing_of_http() -> None:
 
 
 def test_an_unexpected_exception_is_a_500_that_names_no_internals(client, monkeypatch) -> None:
-    monkeypatch.setattr(client.node, "chain", lambda: 1 / 0)
+    monkeypatch.setattr(client.node, "chain_document", lambda: 1 / 0)
     response = client.get("/get_chain")
     assert response.status_code == 500 and "ZeroDivisionError" in response.get_json()["error"]
 
