@@ -155,8 +155,8 @@ class IdentityExists(Conflict, IdentityError):
 
 
 class InvalidIdentity(BadInput):
-    """A public identity or a member entry of the wrong form (the message names the field), or a node id
-    that is not the fingerprint of its signing key."""
+    """A public identity, a member entry or a members list of the wrong form (the message names the entry and
+    field), or a node id that is not the fingerprint of its signing key."""
 
 
 class UnknownMember(NotFound):
