@@ -336,12 +336,12 @@ class Identity:
                                       "edited or damaged; restore it from a backup")
         return identity
 
-    def _file_bytes(self, path: Path, passphrase: str | None) -> bytes:
+    def _file_bytes(self, path: Path, passphrase: str | None, created: str | None = None) -> bytes:
         secret = _passphrase_bytes(path, passphrase)
         protection = {"passphrase": secret, "protection": PROTECTION,
                       "prot_params": {"iteration_count": SCRYPT_COST}} if passphrase is not None else {}
         data = {"format": FORMAT, "version": VERSION, "node_id": self.node_id,
-                "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "created": created or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 **self._public.to_dict(),
                 "protected": passphrase is not None,
                 "signing_private_key": self._signing_key.export_key(format="PEM", **protection),
@@ -386,7 +386,7 @@ def change_passphrase(path: str | os.PathLike[str], old: str | None, new: str | 
     """Re-write the identity file at `path` under a new passphrase (None: unprotected). Same keys, same id."""
     path = Path(path)
     identity = Identity.load(path, old)
-    data = identity._file_bytes(path, new)
+    data = identity._file_bytes(path, new, created=_read_identity_file(path)["created"])
     with _temporary_beside(path, data) as temp:
         os.replace(temp, path)
     _sync_directory(path.parent)
@@ -439,9 +439,11 @@ def describe(identity: Identity | PublicIdentity, role: str, url: str | None = N
 
 def _read_identity_file(path: Path) -> dict[str, Any]:
     """The parsed identity file, its shape checked; IdentityError otherwise. Reads only."""
-    try:
-        with open(path, "rb") as handle:
+    try:  # non-blocking, so a FIFO at the path cannot hang the node; no effect on a regular file
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
             status = os.fstat(handle.fileno())
+            if stat.S_ISDIR(status.st_mode):
+                raise IsADirectoryError
             if not stat.S_ISREG(status.st_mode):
                 raise IdentityError(path, "is not a regular file")
             if os.name == "posix" and status.st_mode & 0o077:

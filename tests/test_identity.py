@@ -415,6 +415,13 @@ def test_a_file_others_may_read_or_change_is_refused(saved, mode: int) -> None:
     assert snapshot(path) == before
 
 
+def test_a_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
+    fifo = tmp_path / "identity.json"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(IdentityError, match="is not a regular file"):
+        load_or_create(fifo, PASSPHRASE)
+
+
 def test_nothing_is_created_over_a_directory_or_a_dangling_link(tmp_path: Path) -> None:
     directory = tmp_path / "identity.json"
     directory.mkdir()
@@ -432,7 +439,9 @@ def test_nothing_is_created_over_a_directory_or_a_dangling_link(tmp_path: Path) 
 
 def test_changing_the_passphrase_keeps_the_id(saved: tuple[Identity, Path]) -> None:
     made, path = saved
+    created = json.loads(path.read_text())["created"]
     change_passphrase(path, PASSPHRASE, "a new one")
+    assert json.loads(path.read_text())["created"] == created
     with pytest.raises(IdentityPassphraseError, match="wrong passphrase"):
         Identity.load(path, PASSPHRASE)
     assert Identity.load(path, "a new one").node_id == made.node_id
