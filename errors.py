@@ -158,6 +158,50 @@ class InvalidPasswordError(CryptoError, ValueError):
     reason = "the password is empty or too long"
 
 
+# -- identities and membership ---------------------------------------------------------
+
+class IdentityError(StateDamaged):
+    """This node's identity file cannot be used; the message names the file and what to do.
+
+    The node must not start, and must never create a new identity over the file: its id is its membership.
+    """
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"identity file {self.path}: {reason}")
+
+
+class IdentityPassphraseError(IdentityError):
+    """The identity file's passphrase is wrong, missing, or given for a file that has none."""
+
+
+class IdentityExists(Conflict, IdentityError):
+    """A file is already where an identity was to be written; nothing was written."""
+
+
+class InvalidIdentity(BadInput):
+    """A public identity, a member entry or a members list of the wrong form (the message names the entry and
+    field), or a node id that is not the fingerprint of its signing key."""
+
+
+class UnknownMember(NotFound):
+    """No member of the network has this node id."""
+
+
+class DuplicateMember(Conflict):
+    """A member with this node id (or short id, or key) is already in the list."""
+
+
+class MembersFileError(StateDamaged):
+    """The members file cannot be used; the message names the file, the entry and what to do."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"members file {self.path}: {reason}")
+
+
 def all_errors(root: type[NodeError] = NodeError) -> list[type[NodeError]]:
     """Every class of the tree, root first (for the test that each maps to a status)."""
     found, stack = [], [root]
