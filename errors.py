@@ -202,6 +202,27 @@ class MembersFileError(StateDamaged):
         super().__init__(f"members file {self.path}: {reason}")
 
 
+# -- record keys wrapped for members (keywrap.py) -----------------------------------
+
+class KeyUnwrapError(Forbidden):
+    """A wrapped record key does not open for this record and this member; the message names both, never a key.
+
+    Under Forbidden (403) and not CryptoError: to a client it means this member holds no usable grant for this
+    record, the same answer as a policy refusal, not a bad request. It is not a CryptoError because a
+    CryptoError is a file operation that failed: it is built as (path, reason), and node.py rebuilds caught ones
+    as `type(exc)(relative path, exc.reason)`, which has no meaning for a key that sits in a grant transaction.
+    """
+
+    reason = ("it was wrapped for another record, another grantee or another key, or it was altered "
+              "(HPKE cannot tell these apart)")
+
+    def __init__(self, cid: str, grantee: str, reason: str | None = None) -> None:
+        self.cid = cid
+        self.grantee = grantee
+        self.reason = reason or self.reason
+        super().__init__(f"record {cid}, grantee {grantee!r}: the wrapped key does not open: {self.reason}")
+
+
 def all_errors(root: type[NodeError] = NodeError) -> list[type[NodeError]]:
     """Every class of the tree, root first (for the test that each maps to a status)."""
     found, stack = [], [root]
