@@ -253,6 +253,9 @@ class Blockchain:
         self.finality_depth = finality_depth
         self.max_pending = max_pending
         self.journal: Journal | None = None  # set by a node that persists its state
+        # Called with each block that joins the chain (mined, received, or taken from a peer), under the chain's
+        # lock and in chain order: keep it quick (a node queues the block's records for pinning, say).
+        self.on_block: Callable[[Block], None] = lambda block: None
         self.genesis = make_genesis(genesis_timestamp)
         self.search = search
         self._lock = threading.RLock()
@@ -395,6 +398,7 @@ class Blockchain:
         if self.journal:
             self.journal.append_block(block)
         self._chain.append(block)
+        self.on_block(block)
         self._index_block(block)
         for tx in block["transactions"]:
             self._pending.pop(tx["id"], None)
@@ -536,6 +540,8 @@ class Blockchain:
             self.journal.replace_chain(fork - 1, new, list(pending.values()))
         self._load(self._chain[:fork - 1] + new)
         self._pending = pending
+        for block in new:
+            self.on_block(block)
 
     def _load(self, chain: list[Block]) -> None:
         """Make a checked chain ours, with its indexes; caller holds the lock."""
