@@ -305,6 +305,36 @@ def health() -> Any:
     return jsonify(report)
 
 
+@api.get("/identity")
+@serves(Action.DESCRIBE)
+def identity() -> Any:
+    return jsonify(current_node().identity_info())
+
+
+@api.get("/members")
+@serves(Action.READ)
+def members() -> Any:
+    return jsonify(current_node().members())
+
+
+def membership_answer(receipt: Any, what: str) -> Any:
+    status = 201 if receipt.new else 200
+    return jsonify(message=f"The {what} will be in Block {receipt.index}", index=receipt.index,
+                   id=receipt.transaction["id"]), status
+
+
+@api.post("/admit_member")
+@serves(Action.ADMIT)
+def admit_member() -> Any:
+    return membership_answer(current_node().admit_member(json_body("member").get("member")), "admission")
+
+
+@api.post("/remove_member")
+@serves(Action.ADMIT)
+def remove_member() -> Any:
+    return membership_answer(current_node().remove_member(json_body("node_id").get("node_id")), "removal")
+
+
 @api.get("/openapi.json")
 @serves(Action.DESCRIBE)
 def openapi() -> Any:

@@ -30,6 +30,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import re
 import threading
 import uuid
@@ -39,6 +40,8 @@ from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
 from errors import Busy, InvalidTransaction
 
+log = logging.getLogger("emr.chain")
+
 Block = dict[str, Any]
 Transaction = dict[str, Any]
 
@@ -47,6 +50,7 @@ GENESIS_NONCE = 1
 GENESIS_PREVIOUS_HASH = "0"
 PAPER_GENESIS_TIMESTAMP = "2020-09-02 23:31:41.258101"  # the paper's own genesis block (Fig. 4d)
 BLOCK_KEYS = frozenset({"index", "timestamp", "nonce", "previous_hash", "transactions"})
+SIGNATURE_FIELD = "signature"  # signed mode's blocks carry one (ledger.py); it is not covered by the content proof
 TRANSACTION_KEYS = ("user_id", "ipfs_hash", "EHR_name")
 OPTIONAL_TRANSACTION_KEYS = ("id", "file_name", "file_size")
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
@@ -134,7 +138,10 @@ def paper_proof_ok(nonce: int, previous_nonce: int, difficulty: int) -> bool:
 
 
 def content_proof_ok(block: Block, difficulty: int) -> bool:
-    return hash_block(block).startswith("0" * difficulty)
+    """The block's hash (without a miner's signature, which signed mode adds after the search) has the zeros."""
+    unsigned = {key: value for key, value in block.items() if key != SIGNATURE_FIELD} if SIGNATURE_FIELD in block \
+        else block
+    return hash_block(unsigned).startswith("0" * difficulty)
 
 
 def content_template(block: Block) -> tuple[bytes, bytes]:
@@ -181,6 +188,31 @@ def proof_of_work(previous_nonce: int, difficulty: int, *, block: Block | None =
 NonceSearch = Callable[..., int]
 
 
+class Rules(Protocol):
+    """What a network adds to the chain's own checks (ledger.SignedRules: members, signatures, roles).
+
+    A state is whatever the rules track (who is a member); the chain keeps the state after each block, so
+    blocks that fork from an earlier one are judged against the state there.
+    """
+
+    initial: Any
+
+    def genesis_fields(self) -> dict[str, Any]: ...
+
+    def block_keys(self) -> frozenset[str]: ...
+
+    def transaction_problem(self, tx: Any, state: Any) -> str | None: ...
+
+    def apply(self, tx: Transaction, state: Any) -> Any: ...
+
+    def block_problem(self, block: Block, state: Any) -> tuple[str | None, Any]: ...
+
+    def sign_block(self, block: Block) -> Block: ...
+
+    @property
+    def node_id(self) -> str: ...
+
+
 class Journal(Protocol):
     """Where a Blockchain writes each change before making it (store.Store is one): a change whose
     write fails is not made, so what the chain holds is always what the journal holds."""
@@ -192,9 +224,10 @@ class Journal(Protocol):
     def replace_chain(self, keep: int, blocks: list[Block], pending: list[Transaction]) -> None: ...
 
 
-def make_genesis(timestamp: str) -> Block:
+def make_genesis(timestamp: str, extra: dict[str, Any] | None = None) -> Block:
+    """The first block: the paper's, plus what a signed network binds into it (its members' fingerprint)."""
     return {"index": GENESIS_INDEX, "timestamp": timestamp, "nonce": GENESIS_NONCE,
-            "previous_hash": GENESIS_PREVIOUS_HASH, "transactions": []}
+            "previous_hash": GENESIS_PREVIOUS_HASH, "transactions": [], **(extra or {})}
 
 
 def check_transaction(tx: Any) -> Transaction:
@@ -245,7 +278,8 @@ class Blockchain:
 
     def __init__(self, difficulty: int = 4, genesis_timestamp: str = PAPER_GENESIS_TIMESTAMP,
                  pow_mode: str = "paper", search: NonceSearch = proof_of_work, *,
-                 finality_depth: int = DEFAULT_FINALITY_DEPTH, max_pending: int = DEFAULT_MAX_PENDING) -> None:
+                 finality_depth: int = DEFAULT_FINALITY_DEPTH, max_pending: int = DEFAULT_MAX_PENDING,
+                 rules: Rules | None = None) -> None:
         if pow_mode not in ("paper", "content"):
             raise ValueError("pow_mode must be 'paper' or 'content'")
         self.difficulty = difficulty
@@ -256,11 +290,13 @@ class Blockchain:
         # Called with each block that joins the chain (mined, received, or taken from a peer), under the chain's
         # lock and in chain order: keep it quick (a node queues the block's records for pinning, say).
         self.on_block: Callable[[Block], None] = lambda block: None
-        self.genesis = make_genesis(genesis_timestamp)
+        self.rules = rules
+        self.genesis = make_genesis(genesis_timestamp, rules.genesis_fields() if rules else None)
         self.search = search
         self._lock = threading.RLock()
         self._mine_lock = threading.Lock()
         self._chain: list[Block] = [self.genesis]
+        self._states: list[Any] = [rules.initial if rules else None]  # the rules' state after each block
         self._pending: dict[str, Transaction] = {}
         self._tx_block: dict[str, int] = {}
         self._records: dict[str, list[tuple[int, Transaction]]] = {}
@@ -285,6 +321,11 @@ class Blockchain:
     def __len__(self) -> int:
         with self._lock:
             return len(self._chain)
+
+    def state(self) -> Any:
+        """The rules' state after our last block (a signed network: who is a member), or None without rules."""
+        with self._lock:
+            return self._states[-1]
 
     def find_records(self, name: str) -> list[tuple[int, Transaction]]:
         """Mined records whose file name or EHR_name matches `name`, newest first.
@@ -320,25 +361,22 @@ class Blockchain:
 
     def chain_problem(self, chain: Any) -> str | None:
         """Why `chain` is not a valid chain of this network, or None if it is."""
+        return self._checked(chain)[0]
+
+    def _checked(self, chain: Any) -> tuple[str | None, list[Any]]:
+        """(why `chain` is not valid or None, the rules' state after each of its blocks)."""
         if not isinstance(chain, list) or not chain:
-            return "the chain is not a non-empty list"
+            return "the chain is not a non-empty list", []
         if chain[0] != self.genesis:
-            return "the genesis block differs from this network's"
-        seen_ids: set[str] = set()
-        for position in range(1, len(chain)):
-            block, previous = chain[position], chain[position - 1]
-            problem = self.block_problem(block, previous)
-            if problem:
-                return f"block {position + 1}: {problem}"
-            ids = [tx.get("id") for tx in block["transactions"]]
-            if seen_ids.intersection(ids):
-                return f"block {position + 1}: repeats a transaction of an earlier block"
-            seen_ids.update(ids)
-        return None
+            return "the genesis block differs from this network's", []
+        problem, states = self._blocks_problem(chain[1:], chain[0], GENESIS_INDEX + 1, self._states[0], set())
+        return problem, [self._states[0], *states]
 
     def block_problem(self, block: Any, previous: Block) -> str | None:
-        """Why `block` cannot follow `previous`, or None if it can."""
-        problem = block_shape_problem(block)
+        """Why `block` cannot follow `previous` by the chain's own checks (shape, index, link, time, proof of
+        work), or None; the rules' checks come on top (_blocks_problem)."""
+        problem = block_shape_problem(block, self.rules.block_keys() if self.rules else frozenset(),
+                                      paper_transactions=self.rules is None)
         if problem:
             return problem
         if block["index"] != previous["index"] + 1:
@@ -351,19 +389,52 @@ class Blockchain:
             return "the nonce does not pass the proof of work"
         return None
 
+    def _blocks_problem(self, blocks: list[Block], previous: Block, fork: int, state: Any,
+                        earlier: set[str] | None = None) -> tuple[str | None, list[Any]]:
+        """Why `blocks` cannot follow `previous` (block fork - 1, after which the rules' state is `state`), or
+        None; and the state after each. Transaction ids may not repeat among them, nor ones of our blocks
+        before `fork` (`earlier`: ids to check against instead, for a chain checked from its start)."""
+        seen: set[str] = set()
+        states: list[Any] = []
+        for block in blocks:
+            problem = self.block_problem(block, previous)
+            if not problem and self.rules:
+                problem, state = self.rules.block_problem(block, state)
+            if problem:
+                return f"block {block['index']}: {problem}", states
+            ids = {tx["id"] for tx in block["transactions"]}
+            repeated = ids & earlier if earlier is not None else \
+                {tx_id for tx_id in ids if self._tx_block.get(tx_id, fork) < fork}
+            if ids & seen or repeated:
+                return f"block {block['index']}: repeats a transaction of an earlier block", states
+            seen |= ids
+            states.append(state)
+            previous = block
+        return None, states
+
     # -- changing ------------------------------------------------------------
 
     def add_transaction(self, tx: Transaction) -> Receipt:
         """Queue a transaction for the next block.
 
         A transaction whose id is already known is not added again (receipt.new is
-        False), so retries and gossip are safe.
+        False), so retries and gossip are safe. With rules, it must pass them in the
+        state after our last block (a signed network: its signer, role and signature).
         """
-        clean = check_transaction(tx)
-        clean.setdefault("id", uuid.uuid4().hex)
+        if self.rules:
+            if not isinstance(tx, dict) or not isinstance(tx.get("id"), str):
+                raise InvalidTransaction("a transaction must be a JSON object with its 'id'")
+            clean = tx
+        else:
+            clean = check_transaction(tx)
+            clean.setdefault("id", uuid.uuid4().hex)
         with self._lock:
             where = self.find_transaction(clean["id"])
             if where is None:
+                if self.rules:
+                    problem = self.rules.transaction_problem(clean, self._states[-1])
+                    if problem:
+                        raise InvalidTransaction(problem)
                 if len(self._pending) >= self.max_pending:
                     raise Busy(f"this node already holds {self.max_pending} pending transactions (max_pending); "
                                f"mine a block, or try again later")
@@ -373,31 +444,58 @@ class Blockchain:
             return Receipt(where or len(self._chain) + 1, clean, where is None)
 
     def mine_block(self) -> Block:
-        """Mine the pending transactions into a new block and append it."""
+        """Mine the pending transactions into a new block and append it.
+
+        With rules, the block holds the pending transactions that are still valid in order (a signer
+        removed since drops out), names this node as its miner and carries its signature.
+        """
         with self._mine_lock:
             while True:
                 with self._lock:
-                    previous = self._chain[-1]
-                    transactions = list(self._pending.values())[:MAX_TRANSACTIONS_PER_BLOCK]
+                    previous, state = self._chain[-1], self._states[-1]
+                    transactions, state = self._still_valid(list(self._pending.values()), state)
                 block = {"index": previous["index"] + 1, "timestamp": _now_after(previous["timestamp"]),
                          "nonce": 0, "previous_hash": hash_block(previous), "transactions": transactions}
+                if self.rules:
+                    block["miner"] = self.rules.node_id
                 block["nonce"] = self._search(block, previous)
+                if self.rules:
+                    block = self.rules.sign_block(block)
                 with self._lock:
                     if self._chain[-1] is not previous:
                         continue  # a peer's block arrived meanwhile: mine on top of it
-                    self._append(block)
+                    self._append(block, state)
                     return block
+
+    def _still_valid(self, pending: list[Transaction], state: Any) -> tuple[list[Transaction], Any]:
+        """The pending transactions for a block (at most MAX_TRANSACTIONS_PER_BLOCK), and the rules' state after
+        them. Caller holds the lock; those the rules no longer accept leave the pending list."""
+        if not self.rules:
+            return pending[:MAX_TRANSACTIONS_PER_BLOCK], state
+        taken = []
+        for tx in pending:
+            if len(taken) == MAX_TRANSACTIONS_PER_BLOCK:
+                break
+            problem = self.rules.transaction_problem(tx, state)
+            if problem:
+                self._pending.pop(tx["id"], None)
+                log.warning("pending transaction %s dropped: %s", tx["id"], problem)
+                continue
+            taken.append(tx)
+            state = self.rules.apply(tx, state)
+        return taken, state
 
     def _search(self, block: Block, previous: Block) -> int:
         if self.pow_mode == "content":
             return self.search(previous["nonce"], self.difficulty, block=block)
         return self.search(previous["nonce"], self.difficulty)
 
-    def _append(self, block: Block) -> None:
-        """Append a checked block; caller holds the lock."""
+    def _append(self, block: Block, state: Any) -> None:
+        """Append a checked block, after which the rules' state is `state`; caller holds the lock."""
         if self.journal:
             self.journal.append_block(block)
         self._chain.append(block)
+        self._states.append(state)
         self.on_block(block)
         self._index_block(block)
         for tx in block["transactions"]:
@@ -406,6 +504,8 @@ class Blockchain:
     def _index_block(self, block: Block) -> None:
         for tx in block["transactions"]:
             self._tx_block[tx["id"]] = block["index"]
+            if "ipfs_hash" not in tx:
+                continue  # not a record (a signed network's membership change)
             self._newest_by_cid[tx["ipfs_hash"]] = tx
             for key in _record_keys(tx["EHR_name"]) | _record_keys(tx.get("file_name", "")):
                 self._records.setdefault(key, []).append((block["index"], tx))
@@ -416,18 +516,25 @@ class Blockchain:
         Returns "appended", "known" (we have it), "invalid", or "behind" (it does not
         follow our last block: the caller should sync with that peer).
         """
-        if block_shape_problem(block):
-            return "invalid"
+        return self.take_block(block)[0]
+
+    def take_block(self, block: Any) -> tuple[str, str | None]:
+        """receive_block's outcome, and for an invalid block what is wrong with it."""
+        problem = block_shape_problem(block, self.rules.block_keys() if self.rules else frozenset(),
+                                      paper_transactions=self.rules is None)
+        if problem:
+            return "invalid", problem
         with self._lock:
             last = self._chain[-1]
             if block["index"] <= last["index"]:
-                return "known" if self._chain[block["index"] - 1] == block else "behind"
+                return ("known" if self._chain[block["index"] - 1] == block else "behind"), None
             if block["index"] > last["index"] + 1 or block["previous_hash"] != hash_block(last):
-                return "behind"  # it extends blocks we do not hold: a fork, or we missed some
-            if self.block_problem(block, last) or any(tx["id"] in self._tx_block for tx in block["transactions"]):
-                return "invalid"
-            self._append(block)
-            return "appended"
+                return "behind", None  # it extends blocks we do not hold: a fork, or we missed some
+            problem, states = self._blocks_problem([block], last, block["index"], self._states[-1])
+            if problem:
+                return "invalid", problem
+            self._append(block, states[0])
+            return "appended", None
 
     def blocks_from(self, index: int, max_bytes: int) -> list[Block]:
         """Our blocks from `index` on, as many as fit in about `max_bytes` of JSON (at least one)."""
@@ -469,7 +576,8 @@ class Blockchain:
         lost or duplicated.
         """
         for block in blocks:
-            problem = block_shape_problem(block)
+            problem = block_shape_problem(block, self.rules.block_keys() if self.rules else frozenset(),
+                                          paper_transactions=self.rules is None)
             if problem:
                 return False, f"invalid: {problem}"
         while True:
@@ -487,7 +595,9 @@ class Blockchain:
             verdict = self._fork_verdict(ours, fork, new)
             if verdict:
                 return False, verdict
-            problem = self._blocks_problem(new, ours[fork - 2], fork)
+            with self._lock:
+                state = self._states[fork - 2]
+            problem, states = self._blocks_problem(new, ours[fork - 2], fork, state)
             if problem:
                 return False, f"invalid: {problem}"
             with self._lock:
@@ -495,10 +605,10 @@ class Blockchain:
                     continue  # we mined or took a block meanwhile: judge the fork again against that
                 dropped = self._chain[fork - 1:]
                 if dropped:
-                    self._reorganise(fork, new)
+                    self._reorganise(fork, new, states)
                 else:
-                    for block in new:
-                        self._append(block)
+                    for block, after in zip(new, states):
+                        self._append(block, after)
                 return True, f"adopted a chain of length {fork - 1 + len(new)}" + (
                     f", dropping our last {len(dropped)} block(s)" if dropped else "")
 
@@ -513,21 +623,7 @@ class Blockchain:
                     f"({self.finality_depth}); blocks that deep are final here")
         return None
 
-    def _blocks_problem(self, blocks: list[Block], previous: Block, fork: int) -> str | None:
-        """Why `blocks` cannot follow `previous` (our block fork - 1), or None."""
-        seen: set[str] = set()
-        for block in blocks:
-            problem = self.block_problem(block, previous)
-            if problem:
-                return f"block {block['index']}: {problem}"
-            ids = {tx["id"] for tx in block["transactions"]}
-            if ids & seen or any(self._tx_block.get(tx_id, fork) < fork for tx_id in ids):
-                return f"block {block['index']}: repeats a transaction of an earlier block"
-            seen |= ids
-            previous = block
-        return None
-
-    def _reorganise(self, fork: int, new: list[Block]) -> None:
+    def _reorganise(self, fork: int, new: list[Block], states: list[Any]) -> None:
         """Replace our blocks from index `fork` on by `new`; transactions of the dropped blocks that `new`
         does not hold go back to pending, after ours. Caller holds the lock."""
         in_new = {tx["id"] for block in new for tx in block["transactions"]}
@@ -538,33 +634,38 @@ class Blockchain:
                 pending.setdefault(tx["id"], tx)
         if self.journal:
             self.journal.replace_chain(fork - 1, new, list(pending.values()))
-        self._load(self._chain[:fork - 1] + new)
+        self._load(self._chain[:fork - 1] + new, self._states[:fork - 1] + states)
         self._pending = pending
         for block in new:
             self.on_block(block)
 
-    def _load(self, chain: list[Block]) -> None:
-        """Make a checked chain ours, with its indexes; caller holds the lock."""
-        self._chain = list(chain)
+    def _load(self, chain: list[Block], states: list[Any]) -> None:
+        """Make a checked chain ours, with the rules' state after each block and its indexes; caller holds
+        the lock."""
+        self._chain, self._states = list(chain), list(states)
         self._tx_block, self._records, self._newest_by_cid, self._pending = {}, {}, {}, {}
         for block in self._chain:
             self._index_block(block)
 
     def restore(self, chain: list[Block], pending: Iterable[Transaction]) -> None:
         """Load a saved state; raises ValueError naming the problem if it is not valid."""
-        problem = self.chain_problem(chain)
+        problem, states = self._checked(chain)
         if problem:
             raise ValueError(problem)
         with self._lock:
-            self._load(chain)
+            self._load(chain, states)
             for tx in pending:
                 self.add_transaction(tx)
 
 
-def block_shape_problem(block: Any) -> str | None:
-    """What is wrong with a block on its own (fields, types, transactions), or None."""
-    if not isinstance(block, dict) or set(block) != BLOCK_KEYS:
-        return "a block must have exactly index, timestamp, nonce, previous_hash and transactions"
+def block_shape_problem(block: Any, extra_keys: frozenset[str] = frozenset(), *,
+                        paper_transactions: bool = True) -> str | None:
+    """What is wrong with a block on its own (fields, types, transactions), or None.
+
+    `extra_keys`: what a network's rules add to every block (a signed one: its miner and signature).
+    paper_transactions=False leaves the transactions' form to the rules (signed ones have more fields)."""
+    if not isinstance(block, dict) or set(block) != BLOCK_KEYS | extra_keys:
+        return f"a block must have exactly {', '.join(sorted(BLOCK_KEYS | extra_keys))}"
     if type(block["index"]) is not int or block["index"] < GENESIS_INDEX:
         return "the index is not a positive integer"
     if type(block["nonce"]) is not int or block["nonce"] < 1:
@@ -577,6 +678,10 @@ def block_shape_problem(block: Any) -> str | None:
     if not isinstance(transactions, list) or len(transactions) > MAX_TRANSACTIONS_PER_BLOCK:
         return "transactions is not a list of acceptable length"
     for tx in transactions:
+        if not paper_transactions:
+            if not isinstance(tx, dict) or not isinstance(tx.get("id"), str):
+                return "a transaction is not an object with an id"
+            continue
         try:
             clean = check_transaction(tx)
         except InvalidTransaction as exc:

@@ -48,6 +48,13 @@ class Config:
     state_dir: str = _setting("", f"folder for the node's own files: its store, identity, spooled uploads "
                                   f"(default DATA_DIR/{STATE_FOLDER}); no request can read or write in it")
     difficulty: int = _setting(4, "leading zeros the proof of work needs (the paper uses 4)")
+    security: str = _setting("paper", "'paper' (the paper's open network) or 'signed' (a permissioned one: every "
+                                      "transaction and block signed by a member; the same on every node)",
+                             choices=("paper", "signed"))
+    members_file: str = _setting("", "signed mode: the members file the network's operators share (members.py "
+                                     "build); without one a node founds a network of one, itself")
+    identity_passphrase: str = _setting("", "passphrase protecting this node's identity file (prefer the "
+                                            "variable: a flag shows in ps)")
     pow_mode: str = _setting("paper", "proof of work: 'paper' (nonce against previous nonce) or "
                                       "'content' (the block's own hash, so no transaction can change)",
                              choices=("paper", "content"))

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from blockchain import GENESIS_INDEX, Block, Blockchain, Receipt, Transaction, hash_block
 from config import LOOPBACK_HOSTS, WILDCARD_HOSTS, Config, split_list
-from errors import BadInput, Busy, Conflict, PeerError, PeerMisbehaved, PeerRefused
+from errors import BadInput, Busy, Conflict, InvalidBlock, PeerError, PeerMisbehaved, PeerRefused
 from wire import Limits, PeerClient, PeerConnection
 
 log = logging.getLogger("emr.network")
@@ -192,6 +192,9 @@ class Network:
         self._background_slots = threading.BoundedSemaphore(SYNCS_AT_ONCE)
         self._stopped = threading.Event()
         self.on_peers_change: Callable[[], None] = lambda: None  # called after the peer list changed
+        # Asked about each new peer's base URL before it is added; raises PeerRefused to keep it out (a signed
+        # network: is it a member?). It may ask the peer, so it runs outside the lock.
+        self.vet_peer: Callable[[str], None] | None = None
 
     @staticmethod
     def _netlocs_of_self(config: Config) -> set[str]:
@@ -226,6 +229,10 @@ class Network:
         if len(urls) > self.max_peers:
             raise BadInput(f"at most {self.max_peers} nodes at once (max_peers)")
         checked = [peer_netloc(url, self.allowed) for url in urls]
+        if self.vet_peer:
+            for netloc, base_url in checked:
+                if netloc not in self._own_netlocs and netloc not in self._peers:
+                    self.vet_peer(base_url)
         ignored, added = [], []
         with self._lock:
             fresh = {netloc for netloc, _ in checked if netloc not in self._peers and netloc not in self._own_netlocs
@@ -336,7 +343,11 @@ class Network:
         return block
 
     def receive_block(self, block: Any, sender: str | None) -> str:
-        outcome = self.blockchain.receive_block(block)
+        """Take a peer's block: "appended" (gossiped on), "known" or "behind" (sync with the sender);
+        InvalidBlock naming what is wrong."""
+        outcome, problem = self.blockchain.take_block(block)
+        if outcome == "invalid":
+            raise InvalidBlock(f"the block does not pass this node's checks: {problem}")
         if outcome == "appended":
             self._gossip("/receive_block", block, exclude=sender)
         elif outcome == "behind" and sender:

@@ -14,17 +14,23 @@ import os
 import re
 import tempfile
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import crypto
-from blockchain import Block, Blockchain, Receipt, Transaction, hash_block, is_cid
+from blockchain import Block, Blockchain, Receipt, Transaction, check_transaction, hash_block, is_cid
 from config import Config
-from errors import BadInput, Busy, Conflict, InvalidBlock, IpfsError, NodeError, NotFound, PathRefused, StateDamaged
+from errors import (BadInput, Busy, Conflict, Forbidden, InvalidIdentity, IpfsError, NodeError,
+                    NotFound, PathRefused, PeerError, PeerRefused, StateDamaged)
+from identity import NODE_ID, Identity, PublicIdentity, describe, load_or_create
+from ledger import ADMIT, REMOVE, LedgerState, SignedRules
+from members import Member, Members, load_members
 from ipfs_client import IpfsClient
 from mining import Miner
 from network import NODE_HEADER, Network, peer_netloc
+from policy import Action, may
 from storage import MAX_NAME_BYTES, confine_path, safe_file_name, written_atomically
 from store import LEGACY_STATE_FILE, STORE_FILE, Store, legacy_state_file, migrate_legacy_state
 
@@ -33,6 +39,11 @@ __all__ = ["NODE_HEADER", "Node"]
 log = logging.getLogger("emr.node")
 
 UPLOADS_FOLDER = "uploads"
+IDENTITY_FILE = "identity.json"
+SIGNED = "signed"
+IDENTITY_EXTRAS = ("security", "network")  # what identity_info adds to a member's description
+SOLO_NETWORK = "solo"  # a signed node started without a members file founds a network of one: solo-<its id>
+SOLO_NAME_CHARACTERS = 8
 IMPORTED_SUFFIX = ".imported"
 PRIVATE_FOLDER_MODE = 0o700
 SIZE_CACHE_ENTRIES = 100_000
@@ -52,10 +63,45 @@ class NamedUpload:
         return self.stream.read(size)
 
 
-def network_fingerprint(config: Config) -> dict[str, str]:
+def network_fingerprint(config: Config, rules: SignedRules | None = None) -> dict[str, str]:
     """The settings a saved chain belongs to: a store made under others is refused."""
-    return {"genesis_timestamp": config.genesis_timestamp, "difficulty": str(config.difficulty),
-            "pow_mode": config.pow_mode}
+    fingerprint = {"genesis_timestamp": config.genesis_timestamp, "difficulty": str(config.difficulty),
+                   "pow_mode": config.pow_mode, "security": config.security}
+    if rules:
+        fingerprint["members"] = rules.founding.fingerprint
+    return fingerprint
+
+
+def node_identity(config: Config) -> Identity:
+    """This node's identity, made at its first start and kept (0600) in its own folder."""
+    return load_or_create(config.state_path / IDENTITY_FILE, config.identity_passphrase or None)
+
+
+def founding_members(config: Config, identity: Identity) -> Members:
+    """The founding members of this node's signed network: the shared members file, or this node alone."""
+    own = Member(identity.public(), config.role_name, config.own_url)
+    if not config.members_file:
+        return Members(f"{SOLO_NETWORK}-{identity.node_id[:SOLO_NAME_CHARACTERS]}", [own])
+    members = load_members(config.members_file)
+    listed = members.get(identity.node_id)
+    if listed is None:
+        raise StateDamaged(f"this node ({identity.short_id}) is not a member of the network {members.network} in "
+                           f"{config.members_file}: add its 'python app.py identity' output to the file (every "
+                           f"node needs the same copy), or start it with its own data directory's identity")
+    if listed.role != config.role_name:
+        raise StateDamaged(f"{config.members_file} lists this node ({identity.short_id}) as a {listed.role}, but it "
+                           f"is started as a {config.role_name}")
+    problems = members.settings_problems({"security": config.security, "pow_mode": config.pow_mode,
+                                         "difficulty": config.difficulty})
+    if problems:
+        raise StateDamaged(f"{config.members_file} sets the network's settings otherwise: {'; '.join(problems)}")
+    return members
+
+
+def show_identity(config: Config) -> str:
+    """`python app.py identity`: this node's identity as GET /identity gives it (made now if it has none)."""
+    config.state_path.mkdir(parents=True, exist_ok=True)
+    return json.dumps(describe(node_identity(config), config.role_name, config.own_url), indent=1)
 
 
 def migrate_state(config: Config) -> str:
@@ -73,12 +119,6 @@ def migrate_state(config: Config) -> str:
 class Node:
     def __init__(self, config: Config, ipfs: IpfsClient | None = None) -> None:
         self.config = config
-        self.miner = Miner(config.mining_workers or os.cpu_count() or 1)
-        self.blockchain = Blockchain(config.difficulty, config.genesis_timestamp, config.pow_mode,
-                                     self.miner.proof_of_work, finality_depth=config.finality_depth,
-                                     max_pending=config.max_pending)
-        self.network = Network(self.blockchain, config)
-        self.ipfs = ipfs or IpfsClient(config.ipfs_api, config.ipfs_timeout, config.ipfs_lookup_timeout)
         self.data_dir = config.data_path
         self.downloads = config.downloads_path
         self.state_dir = config.state_path
@@ -86,6 +126,17 @@ class Node:
         for folder in (self.data_dir, self.downloads, self.state_dir, self.uploads):
             folder.mkdir(parents=True, exist_ok=True)
         self.state_dir.chmod(PRIVATE_FOLDER_MODE)
+        self.identity = node_identity(config)
+        self.rules = SignedRules(founding_members(config, self.identity), self.identity) \
+            if config.security == SIGNED else None
+        self.miner = Miner(config.mining_workers or os.cpu_count() or 1)
+        self.blockchain = Blockchain(config.difficulty, config.genesis_timestamp, config.pow_mode,
+                                     self.miner.proof_of_work, finality_depth=config.finality_depth,
+                                     max_pending=config.max_pending, rules=self.rules)
+        self.network = Network(self.blockchain, config)
+        if self.rules:
+            self.network.vet_peer = self._vet_peer
+        self.ipfs = ipfs or IpfsClient(config.ipfs_api, config.ipfs_timeout, config.ipfs_lookup_timeout)
         self._sizes: dict[str, str] = {}
         self._document: tuple[tuple[int, str] | None, bytes] = (None, b"")
         self._document_lock = threading.Lock()
@@ -114,7 +165,12 @@ class Node:
         return self.blockchain.chain_problem(self.blockchain.chain)
 
     def add_transaction(self, fields: Any) -> Receipt:
-        """Record a transaction a client sent; it is gossiped to every peer."""
+        """Record a transaction a client sent; it is gossiped to every peer. On a signed network this node
+        signs it: the record's owner is the member that signed it, `user_id` a label inside it."""
+        if self.rules:
+            tx = check_transaction(fields)
+            tx.setdefault("id", uuid.uuid4().hex)
+            return self.network.add_transaction(self.rules.sign_transaction(tx))
         return self.network.add_transaction(fields)
 
     def receive_transaction(self, tx: Any, from_node: str | None = None) -> Receipt:
@@ -153,10 +209,7 @@ class Node:
 
     def receive_block(self, block: Any, from_node: str | None = None) -> str:
         """A block a peer mined: "appended", "known" or "behind" (then we sync with that peer)."""
-        outcome = self.network.receive_block(block, self.network.sender_netloc(from_node))
-        if outcome == "invalid":
-            raise InvalidBlock("the block does not pass this node's checks (shape, index, link, proof of work)")
-        return outcome
+        return self.network.receive_block(block, self.network.sender_netloc(from_node))
 
     # -- peers ---------------------------------------------------------------
 
@@ -165,6 +218,67 @@ class Node:
         if not isinstance(urls, list) or not urls:
             raise BadInput(f"'nodes' must be a non-empty list of node URLs, e.g. {CONNECT_EXAMPLE}")
         return self.network.connect(urls, announce=self.network.sender_netloc(from_node) is None)
+
+    def _vet_peer(self, base_url: str) -> None:
+        """On a signed network, a peer must be a member: ask it who it is, check the answer against the chain."""
+        try:
+            answer, _ = self.network.client.get_json(base_url + "/identity")
+            claimed = PublicIdentity.from_dict(answer)
+        except (PeerError, InvalidIdentity) as exc:
+            raise PeerRefused(f"{base_url} did not say who it is ({exc}); on a signed network a peer must be a "
+                              f"member") from None
+        state = self.blockchain.state()
+        member = state.members.get(claimed.node_id)
+        if member is None or member.identity != claimed:
+            why = "a removed member" if claimed.node_id in state.removed else "not a member of this network"
+            raise PeerRefused(f"{base_url} is {claimed.short_id}, {why} ({state.members.network}); a healthcare "
+                              f"authority admits members with /admit_member")
+
+    # -- membership (signed networks) --------------------------------------------
+
+    def identity_info(self) -> dict[str, Any]:
+        """Who this node is: its id (and a short form to read aloud), role, URL and public keys, and its network."""
+        info = {**describe(self.identity, self.config.role_name, self.config.own_url),
+                "security": self.config.security}
+        if self.rules:
+            info["network"] = {"name": self.rules.founding.network, "fingerprint": self.rules.founding.fingerprint}
+        return info
+
+    def members(self) -> dict[str, Any]:
+        """The network's members now (after our last block), and the ids removed so far."""
+        state = self._signed_state()
+        return {"network": state.members.network, "founding_fingerprint": self.rules.founding.fingerprint,
+                "members": [{**member.to_dict(), "short_id": member.short_id} for member in state.members],
+                "removed": sorted(state.removed)}
+
+    def admit_member(self, member: Any) -> Receipt:
+        """A transaction admitting a member (as GET /identity describes it), signed by this node."""
+        self._signed_state()
+        if isinstance(member, dict):  # GET /identity's answer as it is: what it says of its network is not the member
+            member = {key: value for key, value in member.items() if key not in IDENTITY_EXTRAS}
+        try:
+            entry = Member.from_dict(member).to_dict()
+        except InvalidIdentity as exc:
+            raise BadInput(f"'member': {exc}") from None
+        return self._membership_change({"type": ADMIT, "member": entry})
+
+    def remove_member(self, node_id: Any) -> Receipt:
+        """A transaction removing a member, signed by this node. What it wrote before stays valid."""
+        self._signed_state()
+        if not isinstance(node_id, str) or not NODE_ID.fullmatch(node_id):
+            raise BadInput("'node_id' must be a member's node id: 52 characters of lowercase base32")
+        return self._membership_change({"type": REMOVE, "node_id": node_id})
+
+    def _membership_change(self, fields: dict[str, Any]) -> Receipt:
+        if not may(self.config.role_name, Action.ADMIT):
+            raise Forbidden(f"a {self.config.role_name} node may not change the members: only a healthcare "
+                            f"authority may")
+        return self.network.add_transaction(self.rules.sign_transaction({**fields, "id": uuid.uuid4().hex}))
+
+    def _signed_state(self) -> LedgerState:
+        if not self.rules:
+            raise NotFound("this node runs the paper's open network (--security paper): it has no members")
+        return self.blockchain.state()
 
     def remove_peers(self, urls: Any) -> tuple[list[str], list[str]]:
         """Forget peers: (peers left, entries that were not peers)."""
@@ -211,7 +325,7 @@ class Node:
                 f"{legacy} holds state in an older format. Nothing was changed. Import it with "
                 f"'python app.py migrate-state --data-dir {self.config.data_dir or self.data_dir}' (the same "
                 f"network settings as this node), or move it aside to start with an empty chain.")
-        self.store = Store(store_path, network_fingerprint(self.config))
+        self.store = Store(store_path, network_fingerprint(self.config, self.rules))
         saved = self.store.load()
         try:
             if saved.chain:

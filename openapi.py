@@ -67,6 +67,11 @@ SCHEMAS: dict[str, Any] = {
     "FileInfo": _object({"Hash": {"type": "string"}, "Name": {"type": "string"},
                          "Size": {"type": ["string", "null"]}}, ["Hash", "Name", "Size"]),
 }
+SCHEMAS["Member"] = {"type": "object", "properties": {
+    "node_id": {"type": "string", "pattern": "^[a-z2-7]{52}$"}, "short_id": {"type": "string"},
+    "role": {"type": "string", "enum": ["patient", "healthcare_authority", "healthcare_provider"]},
+    "signing_public_key": {"type": "string"}, "exchange_public_key": {"type": "string"},
+    "url": {"type": ["string", "null"]}}, "required": ["node_id", "role", "signing_public_key", "exchange_public_key"]}
 SCHEMAS["FileVersion"] = _object({**SCHEMAS["FileInfo"]["properties"], "block_index": {"type": "integer"},
                                   "EHR_name": {"type": "string"}, "user_id": {"type": "string"}},
                                  ["Hash", "Name", "Size", "block_index", "EHR_name", "user_id"])
@@ -128,6 +133,8 @@ _path_fields = {"file_path": _text("a path inside the node's data directory", ma
 _crypt_result = _object({"message": _message, "file_path": {"type": "string"}, "size": {"type": "integer"}},
                         ["message", "file_path", "size"])
 _ipfs_errors = (404, 502, 503, 504)
+_membership_receipt = _object({"message": {"type": "string"}, "index": {"type": "integer"}, "id": {"type": "string"}},
+                              ["message", "index", "id"])
 _node_list = {"type": "array", "minItems": 1, "maxItems": 32, "items": {"type": "string", "format": "uri"}}
 
 PATHS: dict[str, Any] = {
@@ -211,6 +218,32 @@ PATHS: dict[str, Any] = {
         "Decrypt an AES Crypt file: FILE.aes -> FILE", {200: _crypt_result}, 404, 409,
         body=_json_body(_object(_path_fields, ["file_path", "password"]),
                         {"file_path": "downloads/MRI.pdf.aes", "password": "shared secret"}), tag="encryption")},
+    "/identity": {"get": _operation(
+        "Who this node is: its id (a fingerprint of its signing key; short_id to read aloud), role, URL, public "
+        "keys, its security mode and, on a signed network, the network", {200: _object({
+            "node_id": {"type": "string", "pattern": "^[a-z2-7]{52}$"}, "short_id": _message, "role": _message,
+            "url": {"type": ["string", "null"]}, "signing_public_key": _message, "exchange_public_key": _message,
+            "security": {"type": "string", "enum": ["paper", "signed"]},
+            "network": _object({"name": _message, "fingerprint": _message}, ["name", "fingerprint"])},
+            ["node_id", "short_id", "role", "signing_public_key", "exchange_public_key", "security"])},
+        tag="membership")},
+    "/members": {"get": _operation(
+        "Signed network: the members now (after this node's last block) and the ids removed so far",
+        {200: _object({"network": _message, "founding_fingerprint": _message,
+                       "members": {"type": "array", "items": _ref("Member")},
+                       "removed": {"type": "array", "items": _message}},
+                      ["network", "founding_fingerprint", "members", "removed"])}, 404, tag="membership")},
+    "/admit_member": {"post": _operation(
+        "Signed network, healthcare authority: admit a member (as its GET /identity describes it) by a signed "
+        "transaction; it may write once the transaction is mined",
+        {201: _membership_receipt, 200: _membership_receipt}, 404, 503,
+        body=_json_body(_object({"member": _ref("Member")}, ["member"])), tag="membership")},
+    "/remove_member": {"post": _operation(
+        "Signed network, healthcare authority: remove a member by a signed transaction; its later writes are "
+        "refused, its earlier ones stay valid",
+        {201: _membership_receipt, 200: _membership_receipt}, 404, 503,
+        body=_json_body(_object({"node_id": {"type": "string", "pattern": "^[a-z2-7]{52}$"}}, ["node_id"])),
+        tag="membership")},
     "/health": {"get": _operation(
         "Port, role, chain length, pending count, peers; on a node with an API key, only status and role "
         "without it", {200: _object(

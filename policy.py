@@ -15,6 +15,7 @@ class Action(str, Enum):
     FETCH = "fetch"        # fetch a record from IPFS, decrypt a file
     RECORD = "record"      # add a file to IPFS, encrypt one, record a transaction: the paper's patient
     MINE = "mine"          # mine the pending transactions into a block
+    ADMIT = "admit"        # admit a member to a signed network, or remove one: a healthcare authority
     CONNECT = "connect"    # link this node to peers
     GOSSIP = "gossip"      # node to node: a peer's transaction or block (its content is checked, not its route)
     DESCRIBE = "describe"  # the API's own description
@@ -32,7 +33,7 @@ EVERY_ROLE = frozenset({Action.GOSSIP, Action.DESCRIBE, Action.HEALTH})
 CARE_ROLE = EVERY_ROLE | {Action.READ, Action.FETCH, Action.MINE, Action.CONNECT}
 ROLE_ACTIONS: dict[str, frozenset[Action]] = {
     PATIENT: CARE_ROLE | {Action.RECORD},
-    HEALTHCARE_AUTHORITY: CARE_ROLE,
+    HEALTHCARE_AUTHORITY: CARE_ROLE | {Action.ADMIT},
     HEALTHCARE_PROVIDER: CARE_ROLE,
 }
 # Actions served without the network's API key: a monitor needs no secret to ask whether a node is up.

@@ -41,7 +41,7 @@ from waitress.task import ThreadedTaskDispatcher
 from app import TOO_LARGE, Gate, create_app, status_for
 from config import LOOPBACK_HOSTS, Config, load_config
 from errors import NodeError, RequestTimeout, TooLarge
-from node import Node, migrate_state
+from node import Node, migrate_state, show_identity
 
 log = logging.getLogger("emr.server")
 SERVER_IDENT = "emr-chain"
@@ -361,7 +361,7 @@ def serve(config: Config) -> None:
 
 
 # `python app.py COMMAND [flags]`: things an operator does to a node that is not running.
-COMMANDS: dict[str, Callable[[Config], str]] = {"migrate-state": migrate_state}
+COMMANDS: dict[str, Callable[[Config], str]] = {"migrate-state": migrate_state, "identity": show_identity}
 
 
 def main(argv: list[str] | None = None) -> None:

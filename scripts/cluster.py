@@ -196,6 +196,33 @@ class NodeProcess:
         return self.get("/get_chain").json()["chain"]
 
 
+def describe_node(role: str, port: int, data_dir: Path, host: str = "127.0.0.1") -> dict[str, Any]:
+    """The identity of the node that will run from `data_dir` (made now, kept in its own folder), as its
+    GET /identity will describe it: `python app.py identity`."""
+    result = subprocess.run([sys.executable, str(ROOT / "app.py"), "identity", "--role", role, "--port", str(port),
+                             "--host", host, "--data-dir", str(data_dir)], capture_output=True, text=True,
+                            timeout=60, check=True, cwd=ROOT, stdin=subprocess.DEVNULL,
+                            env={key: value for key, value in os.environ.items() if not key.startswith("EMR_")})
+    return json.loads(result.stdout)
+
+
+def write_members_file(path: Path, network: str, descriptions: list[dict[str, Any]],
+                       settings: dict[str, Any] | None = None) -> Path:
+    """The members file every node of a signed network shares: `python members.py build`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    described = path.with_suffix(".described.json")
+    described.write_text(json.dumps(descriptions))
+    built = subprocess.run([sys.executable, str(ROOT / "members.py"), "build", "--network", network,
+                            *(arg for key, value in (settings or {"security": "signed"}).items()
+                              for arg in ("--setting", f"{key}={value}")),
+                            "-o", str(path), str(described)], capture_output=True, text=True, timeout=60,
+                           cwd=ROOT, stdin=subprocess.DEVNULL)
+    described.unlink()
+    if built.returncode != 0:
+        raise RuntimeError(f"members.py build failed: {built.stderr.strip()}")
+    return path
+
+
 def node_args(role: str, **settings: Any) -> list[str]:
     """Command-line flags for app.py: role plus every setting as its --flag."""
     args = ["--role", role]

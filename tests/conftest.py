@@ -12,11 +12,11 @@ import pytest
 
 from app import create_app
 from config import Config
-from scripts.cluster import Kubo, NodeProcess, free_port, node_args
+from scripts.cluster import Kubo, NodeProcess, describe_node, free_port, node_args, write_members_file
 
 PAPER_HASH = "QmbWxSqxhZms74885xceSaiHVvdjqiVWrATtYUrrUnVE1K"
 # Fixtures that start real daemons or node processes: a test using one is "slow", left out of `make test-fast`.
-SLOW_FIXTURES = frozenset({"kubo", "ipfs_client", "spawn_node", "fuzzed_app"})
+SLOW_FIXTURES = frozenset({"kubo", "ipfs_client", "spawn_node", "fuzzed_app", "signed_network"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -126,6 +126,22 @@ def spawn_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     yield spawn
     for node in started:
         node.stop()
+
+
+@pytest.fixture
+def signed_network(spawn_node: Callable[..., NodeProcess], tmp_path: Path) -> Callable[..., list[NodeProcess]]:
+    """signed_network(roles=(...), **settings) starts one node per role as the members of a signed network:
+    each node's identity made first, one members file built from them and given to all."""
+    def start(roles: tuple[str, ...] = ("patient", "healthcare_authority", "healthcare_provider"),
+              **settings: Any) -> list[NodeProcess]:
+        ports = [free_port() for _ in roles]
+        data_dirs = [tmp_path / f"member-{port}" for port in ports]
+        members = write_members_file(tmp_path / f"members-{ports[0]}.json", "emr-test",
+                                     [describe_node(role, port, data_dir)
+                                      for role, port, data_dir in zip(roles, ports, data_dirs)])
+        return [spawn_node(role, port=port, data_dir=data_dir, security="signed", members_file=members, **settings)
+                for role, port, data_dir in zip(roles, ports, data_dirs)]
+    return start
 
 
 def dump(response: Any) -> str:

@@ -13,7 +13,8 @@ from conftest import paper_transaction, wait_until
 from scripts.cluster import ROOT, free_port
 from store import STORE_FILE, Store
 
-FINGERPRINT = {"genesis_timestamp": "2020-09-02 23:31:41.258101", "difficulty": "4", "pow_mode": "paper"}
+FINGERPRINT = {"genesis_timestamp": "2020-09-02 23:31:41.258101", "difficulty": "4", "pow_mode": "paper",
+               "security": "paper"}
 
 
 def store_file(data_dir: Path) -> Path:
