@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional, Union
 
-from Crypto.Cipher import AES
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from storage import written_atomically
 
@@ -40,7 +40,7 @@ CREATED_BY = f"emr-chain {__version__}".encode()
 CONTAINER_SIZE = 128
 EXTENSION_LENGTH_SIZE = 2
 END_OF_EXTENSIONS = b"\x00\x00"
-BLOCK_SIZE = AES.block_size
+BLOCK_SIZE = 16  # AES, whatever the key size
 IV_SIZE = 16
 KEY_SIZE = 32
 SESSION_SIZE = IV_SIZE + KEY_SIZE
@@ -145,6 +145,21 @@ def _hmac(key: bytes, data: bytes = b"") -> hmac.HMAC:
     return hmac.new(key, data, hashlib.sha256)
 
 
+def _cbc(key: bytes, iv: bytes) -> Cipher:
+    """AES-256-CBC without padding (the format pads itself), from OpenSSL through `cryptography`."""
+    return Cipher(algorithms.AES(key), modes.CBC(iv))
+
+
+def _encrypt_blocks(key: bytes, iv: bytes, data: bytes) -> bytes:
+    encryptor = _cbc(key, iv).encryptor()
+    return encryptor.update(data) + encryptor.finalize()
+
+
+def _decrypt_blocks(key: bytes, iv: bytes, data: bytes) -> bytes:
+    decryptor = _cbc(key, iv).decryptor()
+    return decryptor.update(data) + decryptor.finalize()
+
+
 def _check_chunk_size(chunk_size: int) -> None:
     if chunk_size <= 0 or chunk_size % BLOCK_SIZE:
         raise ValueError(f"chunk_size must be a positive multiple of {BLOCK_SIZE}")
@@ -155,14 +170,6 @@ def _read_exact(stream: BinaryIO, size: int, path: Path) -> bytes:
     if len(data) != size:
         raise TruncatedFileError(path)
     return data
-
-
-def _iter_chunks(stream: BinaryIO, length: int, chunk_size: int, path: Path) -> Iterator[bytes]:
-    remaining = length
-    while remaining:
-        chunk = _read_exact(stream, min(chunk_size, remaining), path)
-        remaining -= len(chunk)
-        yield chunk
 
 
 def _refuse_existing(dst: Path, overwrite: bool) -> None:
@@ -193,7 +200,12 @@ def _header(iv1: bytes, encrypted_session: bytes, session_mac: bytes) -> bytes:
 def encrypt_file(src: StrPath, dst: StrPath, password: str, *,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress = None,
                  overwrite: bool = False) -> int:
-    """Encrypt src into dst (AES Crypt v2) and return the number of bytes written."""
+    """Encrypt src into dst (AES Crypt v2) and return the number of bytes written.
+
+    One pass: each chunk is read into the same buffer, encrypted into a second
+    one, fed to the HMAC and written, so memory stays at two chunks whatever
+    the size.
+    """
     src, dst = Path(src), Path(dst)
     _check_chunk_size(chunk_size)
     encoded = _encode_password(password, src)
@@ -202,23 +214,26 @@ def encrypt_file(src: StrPath, dst: StrPath, password: str, *,
         total = os.fstat(fin.fileno()).st_size
         iv1, iv2, key2 = (secrets.token_bytes(n) for n in (IV_SIZE, IV_SIZE, KEY_SIZE))
         key = _derive_key(encoded, iv1)
-        encrypted_session = AES.new(key, AES.MODE_CBC, iv1).encrypt(iv2 + key2)
+        encrypted_session = _encrypt_blocks(key, iv1, iv2 + key2)
         written = out.write(_header(iv1, encrypted_session, _hmac(key, encrypted_session).digest()))
-        cipher, mac = AES.new(key2, AES.MODE_CBC, iv2), _hmac(key2)
+        encryptor, mac = _cbc(key2, iv2).encryptor(), _hmac(key2)
+        plain, encrypted = bytearray(chunk_size), bytearray(chunk_size + BLOCK_SIZE)
+        plain_view, encrypted_view = memoryview(plain), memoryview(encrypted)
         done = 0
         while True:
-            chunk = fin.read(chunk_size)
-            done += len(chunk)
-            last = len(chunk) < chunk_size
-            if last and len(chunk) % BLOCK_SIZE:
+            length = fin.readinto(plain)
+            done += length
+            last = length < chunk_size
+            if last and length % BLOCK_SIZE:
                 # Like pyAesCrypt: n bytes of value n, and none at all when the
                 # size is already a multiple of 16 (the modulo byte records it).
-                pad = BLOCK_SIZE - len(chunk) % BLOCK_SIZE
-                chunk += bytes([pad]) * pad
-            encrypted = cipher.encrypt(chunk)
-            mac.update(encrypted)
-            written += out.write(encrypted)
-            if progress and chunk:
+                pad = BLOCK_SIZE - length % BLOCK_SIZE
+                plain[length:length + pad] = bytes([pad]) * pad
+                length += pad
+            block = encrypted_view[:encryptor.update_into(plain_view[:length], encrypted)]
+            mac.update(block)
+            written += out.write(block)
+            if progress and length:
                 progress(done, total)
             if last:
                 break
@@ -253,10 +268,15 @@ def decrypt_file(src: StrPath, dst: StrPath, password: str, *,
                  overwrite: bool = False) -> int:
     """Decrypt src into dst and return the number of plaintext bytes written.
 
-    Nothing is written unless the password is right (header HMAC) and the body
-    HMAC matches, checked in a first pass over the ciphertext.  The second pass
-    decrypts and recomputes the HMAC, in case the file changed in between.
-    progress receives bytes processed over both passes, out of twice the body size.
+    One pass over the file: each chunk is fed to the HMAC and decrypted into a
+    temporary file beside dst, and the last plaintext block is held back until
+    the trailer (modulo byte and HMAC) is read.  Only when the body HMAC
+    matches is the last block written and the file renamed to dst; on any
+    failure the temporary file is removed, so no plaintext ever appears under
+    dst's name.  The bytes decrypted are the bytes authenticated, even if the
+    file changes meanwhile.  A wrong password is found from the header alone,
+    before any file is created.  progress receives bytes processed out of the
+    body size.
     """
     src, dst = Path(src), Path(dst)
     _check_chunk_size(chunk_size)
@@ -268,45 +288,35 @@ def decrypt_file(src: StrPath, dst: StrPath, password: str, *,
         key = _derive_key(encoded, iv1)
         if not hmac.compare_digest(_hmac(key, encrypted_session).digest(), session_mac):
             raise WrongPasswordError(src)
-        session = AES.new(key, AES.MODE_CBC, iv1).decrypt(encrypted_session)
+        session = _decrypt_blocks(key, iv1, encrypted_session)
         iv2, key2 = session[:IV_SIZE], session[IV_SIZE:]
-        body_start = fin.tell()
-        body_length = size - body_start - TRAILER_SIZE
+        body_length = size - fin.tell() - TRAILER_SIZE
         if body_length < 0 or body_length % BLOCK_SIZE:
             raise TruncatedFileError(src)
-        fin.seek(body_start + body_length)
-        trailer = _read_exact(fin, TRAILER_SIZE, src)
-        modulo, body_mac = trailer[0], trailer[1:]
-        if modulo >= BLOCK_SIZE or (body_length == 0 and modulo):
-            raise DamagedFileError(src)
-        total, done = 2 * body_length, 0
-
-        fin.seek(body_start)
-        mac = _hmac(key2)
-        for chunk in _iter_chunks(fin, body_length, chunk_size, src):
-            mac.update(chunk)
-            done += len(chunk)
-            if progress:
-                progress(done, total)
-        if not hmac.compare_digest(mac.digest(), body_mac):
-            raise DamagedFileError(src)
-
-        fin.seek(body_start)
-        cipher, mac = AES.new(key2, AES.MODE_CBC, iv2), _hmac(key2)
-        written, remaining = 0, body_length
+        decryptor, mac = _cbc(key2, iv2).decryptor(), _hmac(key2)
+        encrypted, plain = bytearray(chunk_size), bytearray(chunk_size + BLOCK_SIZE)
+        encrypted_view, plain_view = memoryview(encrypted), memoryview(plain)
+        last, written, remaining = b"", 0, body_length
         with _atomic_output(dst, overwrite) as out:
-            for chunk in _iter_chunks(fin, body_length, chunk_size, src):
-                mac.update(chunk)
-                plain = cipher.decrypt(chunk)
-                remaining -= len(chunk)
-                if not remaining and modulo:
-                    plain = plain[:len(plain) - (BLOCK_SIZE - modulo)]
-                written += out.write(plain)
-                done += len(chunk)
+            while remaining:
+                block = encrypted_view[:min(chunk_size, remaining)]
+                if fin.readinto(block) != len(block):
+                    raise TruncatedFileError(src)
+                remaining -= len(block)
+                mac.update(block)
+                decrypted = plain_view[:decryptor.update_into(block, plain)]
+                if not remaining:  # held back until the trailer is read
+                    last, decrypted = bytes(decrypted[-BLOCK_SIZE:]), decrypted[:-BLOCK_SIZE]
+                written += out.write(decrypted)
                 if progress:
-                    progress(done, total)
+                    progress(body_length - remaining, body_length)
+            trailer = _read_exact(fin, TRAILER_SIZE, src)
+            modulo, body_mac = trailer[0], trailer[1:]
             if not hmac.compare_digest(mac.digest(), body_mac):
-                raise DamagedFileError(src, "file changed while it was being decrypted")
+                raise DamagedFileError(src)
+            if modulo >= BLOCK_SIZE or (not body_length and modulo):
+                raise DamagedFileError(src)
+            written += out.write(last[:modulo] if modulo else last)
     return written
 
 

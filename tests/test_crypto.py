@@ -230,38 +230,94 @@ def test_flipped_byte_is_refused_without_plaintext(encrypted, where):
     assert_only(encrypted[1].parent, "record.bin.aes")
 
 
-def test_damaged_body_is_detected_before_any_output_file_is_created(encrypted, monkeypatch):
-    raw = bytearray(encrypted[1].read_bytes())
-    raw[BODY_AT + 100] ^= 0x01
-    encrypted[1].write_bytes(raw)
-    created = []
+def test_damaged_body_leaves_no_plaintext_though_decryption_wrote_some(tmp_path):
+    """One pass writes plaintext beside the target before the HMAC is known; a failure removes it."""
+    make_file(tmp_path / "in", 3 * MIB)
+    encrypt_file(tmp_path / "in", tmp_path / "in.aes", PASSWORD)
+    raw = bytearray((tmp_path / "in.aes").read_bytes())
+    raw[-TRAILER - 1] ^= 0x01  # the last ciphertext byte: found only at the very end
+    (tmp_path / "in.aes").write_bytes(raw)
+    (tmp_path / "out").mkdir()
+    seen_meanwhile = []
 
-    def record_mkstemp(*args, **kwargs):
-        created.append(kwargs)
-        raise AssertionError("an output file was created for a damaged body")
+    def look(done, total):
+        seen_meanwhile.extend(p.name for p in (tmp_path / "out").iterdir())
 
-    monkeypatch.setattr(storage.tempfile, "mkstemp", record_mkstemp)
     with pytest.raises(DamagedFileError):
-        decrypt_file(encrypted[1], encrypted[1].parent / "out", PASSWORD)
+        decrypt_file(tmp_path / "in.aes", tmp_path / "out" / "record.pdf", PASSWORD,
+                     chunk_size=64 * 1024, progress=look)
+    assert any(name.startswith(".part-") for name in seen_meanwhile)
+    assert_only(tmp_path / "out")
+
+
+def test_wrong_password_creates_no_file_at_all(encrypted, monkeypatch):
+    """The header HMAC settles the password before any output file is created."""
+    created = []
+    monkeypatch.setattr(storage.tempfile, "mkstemp", lambda *a, **k: created.append(k) or 1 / 0)
+    with pytest.raises(WrongPasswordError):
+        decrypt_file(encrypted[1], encrypted[1].parent / "out", "not the password")
     assert created == []
 
 
-def test_file_modified_between_passes_leaves_no_plaintext(tmp_path):
+def test_file_changed_during_decryption_leaves_no_plaintext(tmp_path):
     make_file(tmp_path / "in", 256 * 1024)
     encrypt_file(tmp_path / "in", tmp_path / "in.aes", PASSWORD)
     (tmp_path / "in").unlink()
-    body_length = 256 * 1024
 
-    def tamper_after_first_pass(done, total):
-        if done == body_length:
+    def tamper_ahead(done, total):
+        if done == 16_384:  # after the first chunk: change bytes not read yet
+            with open(tmp_path / "in.aes", "r+b") as f:
+                f.seek(BODY_AT + 100_000)
+                f.write(b"\x00\x01")
+
+    with pytest.raises(DamagedFileError):
+        decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD, chunk_size=16_384,
+                     progress=tamper_ahead)
+    assert_only(tmp_path, "in.aes")
+
+
+def test_what_is_written_is_what_was_authenticated(tmp_path):
+    """A change to bytes already read and checked cannot reach the output: one pass, one reading."""
+    data = make_file(tmp_path / "in", 256 * 1024)
+    encrypt_file(tmp_path / "in", tmp_path / "in.aes", PASSWORD)
+
+    def tamper_behind(done, total):
+        if done == 2 * 16_384:
             with open(tmp_path / "in.aes", "r+b") as f:
                 f.seek(BODY_AT + 10)
                 f.write(b"\x00\x01")
 
-    with pytest.raises(DamagedFileError, match="changed while"):
-        decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD, chunk_size=16_384,
-                     progress=tamper_after_first_pass)
-    assert_only(tmp_path, "in.aes")
+    decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD, chunk_size=16_384,
+                 progress=tamper_behind)
+    assert (tmp_path / "out").read_bytes() == data
+
+
+class _CountingFileIO(io.FileIO):
+    """A raw file that counts the bytes read through it (every buffered read ends here)."""
+
+    bytes_read = 0
+
+    def readinto(self, buffer):
+        count = super().readinto(buffer)
+        type(self).bytes_read += count or 0
+        return count
+
+
+def test_decrypting_reads_the_file_once(tmp_path, monkeypatch):
+    make_file(tmp_path / "in", 4 * MIB + 5)
+    encrypt_file(tmp_path / "in", tmp_path / "in.aes", PASSWORD)
+    size = (tmp_path / "in.aes").stat().st_size
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        if Path(path) == tmp_path / "in.aes":
+            assert mode == "rb"
+            return io.BufferedReader(_CountingFileIO(path, "rb"))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(_CountingFileIO, "bytes_read", 0)
+    monkeypatch.setattr(crypto, "open", counting_open, raising=False)
+    decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD, chunk_size=256 * 1024)
+    assert size <= _CountingFileIO.bytes_read <= size + io.DEFAULT_BUFFER_SIZE
 
 
 def test_created_by_text_is_not_authenticated_as_the_spec_allows(encrypted):
