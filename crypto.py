@@ -7,9 +7,28 @@ HMAC of that, the body (AES-256-CBC under key2/IV2), the file size modulo 16,
 HMAC of the body.
 
 Format limits worth knowing: extensions (such as CREATED_BY) are not
-authenticated, by design, and neither is the modulo byte, so changing it to
-another value from 0 to 15 shortens or lengthens the plaintext by up to 15
-bytes without detection.  A wrong password and a damaged header look the same.
+authenticated, by design, and neither is the modulo byte m (the plaintext size
+mod 16) in the trailer.  The padding m implies is authenticated, though, so
+when m is not 0, bytes m..15 of the last block must be padding as a known
+writer leaves it, or the file is refused as damaged: 16 - m repeated
+(pyAesCrypt and this module), the same bytes of the block encrypted just before
+(AES Crypt's own C, C++ and Java tools, which encrypt in place), or zeros in a
+one-block file (AES Crypt's Java library).  What still cannot be detected:
+
+- m changed to 0: the plaintext gains its padding (up to 15 bytes), since a
+  plaintext whose size is a multiple of 16 may end in any bytes;
+- 0 changed to m when the plaintext happens to end like padding for m (in a
+  byte 0x01, say, for m = 15, or, in a 16-byte file, in zeros): it loses
+  those bytes;
+- in a file from AES Crypt's own tools, m raised: the plaintext gains up to 14
+  bytes of the block before the last;
+- in a file from pyAesCrypt or this module, m changed to m' when bytes m'..15
+  of the ciphertext block before the last happen to equal what the last block
+  holds there.  Raising m to 15 needs one such byte: 1 file in 256, which
+  anyone holding the file can spot, can gain up to 14 padding bytes; other
+  changes need two bytes or more (1 in 65,536 or rarer).
+
+A wrong password and a damaged header look the same.
 """
 
 from __future__ import annotations
@@ -54,6 +73,7 @@ DEFAULT_CHUNK_SIZE = 1024 * 1024
 BUFFERS_IN_TURN = 2  # one chunk being hashed in the helper thread, the next being filled
 WRITEBACK_STEP = 4 * 1024 * 1024
 SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writing the range out, do not wait
+MODULO_MISMATCH = "file is damaged or was tampered with (its size byte disagrees with its padding)"
 GENERATED_PASSWORD_BYTES = 32
 
 AES_SUFFIX = ".aes"
@@ -347,6 +367,29 @@ def _read_header(fin: BinaryIO, path: Path) -> tuple[bytes, bytes, bytes]:
             _read_exact(fin, HMAC_SIZE, path))
 
 
+def _plaintext_of_last_block(last: bytes, previous: bytes, modulo: int, one_block: bool,
+                             path: Path) -> bytes:
+    """The plaintext bytes of the last block, once its padding agrees with the modulo byte.
+
+    `previous` is the ciphertext block encrypted just before the last one: the
+    one before it in the body or, in a one-block body, the last block of the
+    encrypted session key (what AES Crypt's C and C++ tools leave in their
+    buffer).  See the module docstring for what this cannot catch.
+    """
+    if not modulo:
+        return last
+    padding, pad_length = last[modulo:], BLOCK_SIZE - modulo
+    written_by_known_tools = [
+        bytes([pad_length]) * pad_length,  # pyAesCrypt and this module
+        previous[modulo:],  # AES Crypt's C, C++ and Java tools: they encrypt in place
+    ]
+    if one_block:
+        written_by_known_tools.append(bytes(pad_length))  # AES Crypt's Java library: a zeroed buffer
+    if padding not in written_by_known_tools:
+        raise DamagedFileError(path, MODULO_MISMATCH)
+    return last[:modulo]
+
+
 def decrypt_file(src: StrPath, dst: StrPath, password: str, *,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress = None,
                  overwrite: bool = False) -> int:
@@ -355,12 +398,13 @@ def decrypt_file(src: StrPath, dst: StrPath, password: str, *,
     One pass over the file: each chunk is hashed (in a helper thread, as when
     encrypting) and decrypted into a temporary file beside dst, and the last
     plaintext block is held back until the trailer (modulo byte and HMAC) is
-    read.  Only when the body HMAC matches is the last block written and the
-    file renamed to dst; on any failure the temporary file is removed, so no
-    plaintext ever appears under dst's name.  The bytes decrypted are the bytes
-    authenticated, even if the file changes meanwhile.  A wrong password is
-    found from the header alone, before any file is created.  progress receives
-    bytes processed out of the body size.
+    read.  Only when the body HMAC matches and the modulo byte agrees with the
+    padding is the last block written and the file renamed to dst; on any
+    failure the temporary file is removed, so no plaintext ever appears under
+    dst's name.  The bytes decrypted are the bytes authenticated, even if the
+    file changes meanwhile.  A wrong password is found from the header alone,
+    before any file is created.  progress receives bytes processed out of the
+    body size.
     """
     src, dst = Path(src), Path(dst)
     _check_chunk_size(chunk_size)
@@ -380,7 +424,8 @@ def decrypt_file(src: StrPath, dst: StrPath, password: str, *,
         decryptor = _cbc(key2, iv2).decryptor()
         inputs = [bytearray(chunk_size) for _ in range(BUFFERS_IN_TURN)]
         plain = bytearray(chunk_size + BLOCK_SIZE)
-        last, written, remaining, turn = b"", 0, body_length, 0
+        previous, last = encrypted_session[-BLOCK_SIZE:], b""
+        written, remaining, turn = 0, body_length, 0
         with _atomic_output(dst, overwrite) as out, _BackgroundHmac(key2) as mac:
             writeback = _EarlyWriteback(out)
             while remaining:
@@ -390,7 +435,11 @@ def decrypt_file(src: StrPath, dst: StrPath, password: str, *,
                 remaining -= len(block)
                 mac.update(block)
                 decrypted = memoryview(plain)[:decryptor.update_into(block, plain)]
-                if not remaining:  # held back until the trailer is read
+                if remaining:
+                    previous = bytes(block[-BLOCK_SIZE:])
+                else:  # the last block is held back until the trailer is read
+                    if len(block) > BLOCK_SIZE:
+                        previous = bytes(block[-2 * BLOCK_SIZE:-BLOCK_SIZE])
                     last, decrypted = bytes(decrypted[-BLOCK_SIZE:]), decrypted[:-BLOCK_SIZE]
                 written += out.write(decrypted)
                 writeback(written)
@@ -403,7 +452,8 @@ def decrypt_file(src: StrPath, dst: StrPath, password: str, *,
                 raise DamagedFileError(src)
             if modulo >= BLOCK_SIZE or (not body_length and modulo):
                 raise DamagedFileError(src)
-            written += out.write(last[:modulo] if modulo else last)
+            written += out.write(_plaintext_of_last_block(last, previous, modulo,
+                                                          body_length == BLOCK_SIZE, src))
     return written
 
 

@@ -327,14 +327,130 @@ def test_created_by_text_is_not_authenticated_as_the_spec_allows(encrypted):
     assert (path.parent / "out").read_bytes() == data
 
 
-def test_modulo_byte_within_0_to_15_is_unauthenticated_format_limit(encrypted):
-    """Documents the v2 weakness pyAesCrypt warns about: the size may shrink by up to 15 bytes."""
+def _last_two_blocks(raw: bytes) -> tuple[bytes, bytes]:
+    """The ciphertext block before the last, and the last one."""
+    body_end = len(raw) - TRAILER
+    return raw[body_end - 32:body_end - 16], raw[body_end - 16:body_end]
+
+
+@pytest.fixture
+def encrypted_unambiguous(tmp_path):
+    """Like `encrypted`, minus the case crypto.py's docstring owns up to.
+
+    A changed modulo byte m' passes when bytes m'..15 of the ciphertext block
+    before the last equal those of the last plaintext block (the padding AES
+    Crypt's own tools leave); about 1 encryption in 256 allows that for
+    m' = 15.  Those are encrypted again, so that every m' must be refused.
+    """
+    data = make_file(tmp_path / "record.bin", SMALL_SIZE)
+    pad = 16 - SMALL_SIZE % 16
+    last_plain = data[-(16 - pad):] + bytes([pad]) * pad
+    while True:
+        encrypt_file(tmp_path / "record.bin", tmp_path / "record.bin.aes", PASSWORD, overwrite=True)
+        previous, _ = _last_two_blocks((tmp_path / "record.bin.aes").read_bytes())
+        if all(previous[m:] != last_plain[m:] for m in range(1, 16)):
+            break
+    (tmp_path / "record.bin").unlink()
+    return data, tmp_path / "record.bin.aes"
+
+
+@pytest.mark.parametrize("modulo", [m for m in range(1, 16) if m != SMALL_SIZE % 16])
+def test_modulo_byte_changed_to_another_value_is_refused_without_plaintext(encrypted_unambiguous, modulo):
+    _, path = encrypted_unambiguous
+    raw = bytearray(path.read_bytes())
+    raw[-TRAILER] = modulo
+    path.write_bytes(raw)
+    with pytest.raises(DamagedFileError, match="record.bin.aes: .*size byte disagrees with its padding"):
+        decrypt_file(path, path.parent / "out", PASSWORD)
+    assert_only(path.parent, "record.bin.aes")
+
+
+@pytest.mark.parametrize("size", [17, SMALL_SIZE, MRI_REPORT_SIZE])  # 7 or more padding bytes: no 1-in-256 case
+def test_modulo_byte_changed_on_a_pyaescrypt_file_is_refused(tmp_path, pyaescrypt, size):
+    make_file(tmp_path / "in", size)
+    pyaescrypt.encryptFile(str(tmp_path / "in"), str(tmp_path / "in.aes"), PASSWORD)
+    raw = bytearray((tmp_path / "in.aes").read_bytes())
+    raw[-TRAILER] = size % 16 + 1  # one byte of pyAesCrypt's padding passed off as data
+    (tmp_path / "in.aes").write_bytes(raw)
+    with pytest.raises(DamagedFileError):
+        decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD)
+    assert_only(tmp_path, "in", "in.aes")
+
+
+def test_modulo_byte_changed_to_0_lengthens_the_plaintext_a_format_limit(encrypted):
+    """What cannot be caught: a size that is a multiple of 16 lets the plaintext end in anything."""
     data, path = encrypted
     raw = bytearray(path.read_bytes())
-    raw[-TRAILER] = 4
+    raw[-TRAILER] = 0
     path.write_bytes(raw)
     decrypt_file(path, path.parent / "out", PASSWORD)
-    assert (path.parent / "out").read_bytes() == data[:SMALL_SIZE - 4]
+    pad = 16 - SMALL_SIZE % 16
+    assert (path.parent / "out").read_bytes() == data + bytes([pad]) * pad
+
+
+def _write_like_aes_crypt_tools(path: Path, data: bytes, password: str, tool: str) -> None:
+    """Encrypt as AES Crypt's own tools do, from their published sources (not from crypto.py).
+
+    They encrypt block by block in place: each read of up to 16 bytes lands in
+    the buffer still holding the ciphertext block before, so a short last read
+    leaves that block's bytes as padding.  Before the first block the buffer
+    holds, in the C and C++ tools ("c"), the last block of the encrypted
+    session key; in the Java library ("java"), zeros.
+    """
+    import hashlib
+    import hmac
+    from Crypto.Cipher import AES
+
+    iv1, iv2, key2 = os.urandom(16), os.urandom(16), os.urandom(32)
+    key = iv1 + bytes(16)
+    for _ in range(8192):
+        key = hashlib.sha256(key + password.encode("utf-16-le")).digest()
+    session = AES.new(key, AES.MODE_CBC, iv1).encrypt(iv2 + key2)
+    block_cipher = AES.new(key2, AES.MODE_ECB)
+    buffer = bytearray(session[-16:] if tool == "c" else bytes(16))
+    chain, body = iv2, bytearray()
+    for start in range(0, len(data), 16):
+        piece = data[start:start + 16]
+        buffer[:len(piece)] = piece
+        buffer = bytearray(block_cipher.encrypt(bytes(a ^ b for a, b in zip(buffer, chain))))
+        chain = bytes(buffer)
+        body += buffer
+    header = b"AES\x02\x00" + b"\x00\x00" + iv1 + session + hmac.new(key, session, hashlib.sha256).digest()
+    trailer = bytes([len(data) % 16]) + hmac.new(key2, bytes(body), hashlib.sha256).digest()
+    path.write_bytes(header + bytes(body) + trailer)
+
+
+@pytest.mark.parametrize("tool", ["c", "java"])
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 1000, MRI_REPORT_SIZE])
+def test_we_open_what_aes_crypt_tools_write(tmp_path, tool, size):
+    data = os.urandom(size)
+    _write_like_aes_crypt_tools(tmp_path / "in.aes", data, PASSWORD, tool)
+    assert decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD) == size
+    assert (tmp_path / "out").read_bytes() == data
+
+
+@pytest.mark.parametrize("tool", ["c", "java"])
+def test_lowered_modulo_byte_on_an_aes_crypt_tools_file_is_refused(tmp_path, tool):
+    _write_like_aes_crypt_tools(tmp_path / "in.aes", os.urandom(SMALL_SIZE), PASSWORD, tool)
+    raw = bytearray((tmp_path / "in.aes").read_bytes())
+    raw[-TRAILER] = SMALL_SIZE % 16 - 3  # claims three of the plaintext bytes were padding
+    (tmp_path / "in.aes").write_bytes(raw)
+    with pytest.raises(DamagedFileError):
+        decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD)
+    assert_only(tmp_path, "in.aes")
+
+
+def test_raised_modulo_byte_on_an_aes_crypt_tools_file_is_a_format_limit(tmp_path):
+    """What cannot be caught: those tools' padding is the block before, so more of it passes as data."""
+    data = os.urandom(SMALL_SIZE)
+    _write_like_aes_crypt_tools(tmp_path / "in.aes", data, PASSWORD, "c")
+    raw = bytearray((tmp_path / "in.aes").read_bytes())
+    modulo = SMALL_SIZE % 16
+    raw[-TRAILER] = modulo + 3
+    (tmp_path / "in.aes").write_bytes(raw)
+    decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD)
+    previous, _ = _last_two_blocks(bytes(raw))
+    assert (tmp_path / "out").read_bytes() == data + previous[modulo:modulo + 3]
 
 
 @pytest.mark.parametrize("keep", [3, 4, 6, 100, IV1_AT + 5, SESSION_AT + 20, HEADER_HMAC_AT + 3,
