@@ -149,6 +149,24 @@ def test_progress_reports_growing_counts_up_to_the_total(tmp_path):
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
 
 
+@pytest.mark.parametrize("direction", ["encrypt", "decrypt"])
+def test_output_is_flushed_to_disk_once_before_it_takes_its_name(tmp_path, monkeypatch, direction):
+    """Durability stays: one fsync, of the temporary file, before the rename (so no empty file after a crash)."""
+    make_file(tmp_path / "in", 9 * MIB)
+    encrypt_file(tmp_path / "in", tmp_path / "in.aes", PASSWORD)
+    encrypting = direction == "encrypt"
+    src, dst = (tmp_path / "in", tmp_path / "copy.aes") if encrypting else (tmp_path / "in.aes", tmp_path / "out")
+    real_fsync, synced = os.fsync, []
+
+    def recording_fsync(fd):
+        synced.append(dst.exists())
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    (encrypt_file if encrypting else decrypt_file)(src, dst, PASSWORD)
+    assert synced == [False] and dst.exists()
+
+
 def test_chunk_size_not_a_multiple_of_16_is_rejected(tmp_path):
     make_file(tmp_path / "in", 10)
     with pytest.raises(ValueError):
