@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="skip the multipart upload of the big file to create_hash")
     g = parser.add_argument_group("7: crypto")
     g.add_argument("--crypto-speed-mib", type=int, default=256, help="file for the speed rounds in MiB (default 256)")
-    g.add_argument("--crypto-speed-rounds", type=int, default=7, help="interleaved speed rounds (default 7)")
+    g.add_argument("--crypto-speed-rounds", type=int, default=8, help="interleaved speed rounds (default 8)")
     g.add_argument("--crypto-memory-mib", type=int, default=1024, help="file for the peak-memory round in MiB "
                                                                        "(default 1024)")
     args = parser.parse_args(argv)
