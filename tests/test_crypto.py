@@ -82,6 +82,22 @@ def test_round_trip_restores_exact_bytes(tmp_path, size):
     assert (tmp_path / "out").read_bytes() == data
 
 
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_round_trip_with_the_hmac_inline_or_in_a_helper_thread(tmp_path, monkeypatch, cpus):
+    """One CPU: the HMAC is computed inline; more: in a helper thread, one chunk behind. Same files."""
+    monkeypatch.setattr(crypto, "_usable_cpus", lambda: cpus)
+    data = make_file(tmp_path / "in", 3 * MIB + 5)
+    encrypt_file(tmp_path / "in", tmp_path / "in.aes", PASSWORD, chunk_size=64 * 1024)
+    assert decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD, chunk_size=48 * 1024) == len(data)
+    assert (tmp_path / "out").read_bytes() == data
+    raw = bytearray((tmp_path / "in.aes").read_bytes())
+    raw[BODY_AT + 2 * MIB] ^= 0x01
+    (tmp_path / "in.aes").write_bytes(raw)
+    with pytest.raises(DamagedFileError):
+        decrypt_file(tmp_path / "in.aes", tmp_path / "again", PASSWORD, chunk_size=48 * 1024)
+    assert_only(tmp_path, "in", "in.aes", "out")
+
+
 @pytest.mark.parametrize("size", [0, 16, 31, 32, 33, 64, 100])
 def test_round_trip_across_chunk_boundaries(tmp_path, size):
     data = make_file(tmp_path / "in", size)
