@@ -287,7 +287,12 @@ def test_damaged_body_leaves_no_plaintext_though_decryption_wrote_some(tmp_path)
 def test_wrong_password_creates_no_file_at_all(encrypted, monkeypatch):
     """The header HMAC settles the password before any output file is created."""
     created = []
-    monkeypatch.setattr(storage.tempfile, "mkstemp", lambda *a, **k: created.append(k) or 1 / 0)
+
+    def record_mkstemp(*args, **kwargs):
+        created.append(kwargs)
+        raise AssertionError("an output file was created for a wrong password")
+
+    monkeypatch.setattr(storage.tempfile, "mkstemp", record_mkstemp)
     with pytest.raises(WrongPasswordError):
         decrypt_file(encrypted[1], encrypted[1].parent / "out", "not the password")
     assert created == []
