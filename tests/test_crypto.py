@@ -82,6 +82,22 @@ def test_round_trip_restores_exact_bytes(tmp_path, size):
     assert (tmp_path / "out").read_bytes() == data
 
 
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_round_trip_with_the_hmac_inline_or_in_a_helper_thread(tmp_path, monkeypatch, cpus):
+    """One CPU: the HMAC is computed inline; more: in a helper thread, one chunk behind. Same files."""
+    monkeypatch.setattr(crypto, "_usable_cpus", lambda: cpus)
+    data = make_file(tmp_path / "in", 3 * MIB + 5)
+    encrypt_file(tmp_path / "in", tmp_path / "in.aes", PASSWORD, chunk_size=64 * 1024)
+    assert decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD, chunk_size=48 * 1024) == len(data)
+    assert (tmp_path / "out").read_bytes() == data
+    raw = bytearray((tmp_path / "in.aes").read_bytes())
+    raw[BODY_AT + 2 * MIB] ^= 0x01
+    (tmp_path / "in.aes").write_bytes(raw)
+    with pytest.raises(DamagedFileError):
+        decrypt_file(tmp_path / "in.aes", tmp_path / "again", PASSWORD, chunk_size=48 * 1024)
+    assert_only(tmp_path, "in", "in.aes", "out")
+
+
 @pytest.mark.parametrize("size", [0, 16, 31, 32, 33, 64, 100])
 def test_round_trip_across_chunk_boundaries(tmp_path, size):
     data = make_file(tmp_path / "in", size)
@@ -147,6 +163,24 @@ def test_progress_reports_growing_counts_up_to_the_total(tmp_path):
                  progress=lambda done, total: calls.append((done, total)))
     assert calls[-1][0] == calls[-1][1] > 0
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+@pytest.mark.parametrize("direction", ["encrypt", "decrypt"])
+def test_output_is_flushed_to_disk_once_before_it_takes_its_name(tmp_path, monkeypatch, direction):
+    """Durability stays: one fsync, of the temporary file, before the rename (so no empty file after a crash)."""
+    make_file(tmp_path / "in", 9 * MIB)
+    encrypt_file(tmp_path / "in", tmp_path / "in.aes", PASSWORD)
+    encrypting = direction == "encrypt"
+    src, dst = (tmp_path / "in", tmp_path / "copy.aes") if encrypting else (tmp_path / "in.aes", tmp_path / "out")
+    real_fsync, synced = os.fsync, []
+
+    def recording_fsync(fd):
+        synced.append(dst.exists())
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    (encrypt_file if encrypting else decrypt_file)(src, dst, PASSWORD)
+    assert synced == [False] and dst.exists()
 
 
 def test_chunk_size_not_a_multiple_of_16_is_rejected(tmp_path):
@@ -230,38 +264,99 @@ def test_flipped_byte_is_refused_without_plaintext(encrypted, where):
     assert_only(encrypted[1].parent, "record.bin.aes")
 
 
-def test_damaged_body_is_detected_before_any_output_file_is_created(encrypted, monkeypatch):
-    raw = bytearray(encrypted[1].read_bytes())
-    raw[BODY_AT + 100] ^= 0x01
-    encrypted[1].write_bytes(raw)
+def test_damaged_body_leaves_no_plaintext_though_decryption_wrote_some(tmp_path):
+    """One pass writes plaintext beside the target before the HMAC is known; a failure removes it."""
+    make_file(tmp_path / "in", 3 * MIB)
+    encrypt_file(tmp_path / "in", tmp_path / "in.aes", PASSWORD)
+    raw = bytearray((tmp_path / "in.aes").read_bytes())
+    raw[-TRAILER - 1] ^= 0x01  # the last ciphertext byte: found only at the very end
+    (tmp_path / "in.aes").write_bytes(raw)
+    (tmp_path / "out").mkdir()
+    seen_meanwhile = []
+
+    def look(done, total):
+        seen_meanwhile.extend(p.name for p in (tmp_path / "out").iterdir())
+
+    with pytest.raises(DamagedFileError):
+        decrypt_file(tmp_path / "in.aes", tmp_path / "out" / "record.pdf", PASSWORD,
+                     chunk_size=64 * 1024, progress=look)
+    assert any(name.startswith(".part-") for name in seen_meanwhile)
+    assert_only(tmp_path / "out")
+
+
+def test_wrong_password_creates_no_file_at_all(encrypted, monkeypatch):
+    """The header HMAC settles the password before any output file is created."""
     created = []
 
     def record_mkstemp(*args, **kwargs):
         created.append(kwargs)
-        raise AssertionError("an output file was created for a damaged body")
+        raise AssertionError("an output file was created for a wrong password")
 
     monkeypatch.setattr(storage.tempfile, "mkstemp", record_mkstemp)
-    with pytest.raises(DamagedFileError):
-        decrypt_file(encrypted[1], encrypted[1].parent / "out", PASSWORD)
+    with pytest.raises(WrongPasswordError):
+        decrypt_file(encrypted[1], encrypted[1].parent / "out", "not the password")
     assert created == []
 
 
-def test_file_modified_between_passes_leaves_no_plaintext(tmp_path):
+def test_file_changed_during_decryption_leaves_no_plaintext(tmp_path):
     make_file(tmp_path / "in", 256 * 1024)
     encrypt_file(tmp_path / "in", tmp_path / "in.aes", PASSWORD)
     (tmp_path / "in").unlink()
-    body_length = 256 * 1024
 
-    def tamper_after_first_pass(done, total):
-        if done == body_length:
+    def tamper_ahead(done, total):
+        if done == 16_384:  # after the first chunk: change bytes not read yet
+            with open(tmp_path / "in.aes", "r+b") as f:
+                f.seek(BODY_AT + 100_000)
+                f.write(b"\x00\x01")
+
+    with pytest.raises(DamagedFileError):
+        decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD, chunk_size=16_384,
+                     progress=tamper_ahead)
+    assert_only(tmp_path, "in.aes")
+
+
+def test_what_is_written_is_what_was_authenticated(tmp_path):
+    """A change to bytes already read and checked cannot reach the output: one pass, one reading."""
+    data = make_file(tmp_path / "in", 256 * 1024)
+    encrypt_file(tmp_path / "in", tmp_path / "in.aes", PASSWORD)
+
+    def tamper_behind(done, total):
+        if done == 2 * 16_384:
             with open(tmp_path / "in.aes", "r+b") as f:
                 f.seek(BODY_AT + 10)
                 f.write(b"\x00\x01")
 
-    with pytest.raises(DamagedFileError, match="changed while"):
-        decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD, chunk_size=16_384,
-                     progress=tamper_after_first_pass)
-    assert_only(tmp_path, "in.aes")
+    decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD, chunk_size=16_384,
+                 progress=tamper_behind)
+    assert (tmp_path / "out").read_bytes() == data
+
+
+class _CountingFileIO(io.FileIO):
+    """A raw file that counts the bytes read through it (every buffered read ends here)."""
+
+    bytes_read = 0
+
+    def readinto(self, buffer):
+        count = super().readinto(buffer)
+        type(self).bytes_read += count or 0
+        return count
+
+
+def test_decrypting_reads_the_file_once(tmp_path, monkeypatch):
+    make_file(tmp_path / "in", 4 * MIB + 5)
+    encrypt_file(tmp_path / "in", tmp_path / "in.aes", PASSWORD)
+    size = (tmp_path / "in.aes").stat().st_size
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        if Path(path) == tmp_path / "in.aes":
+            assert mode == "rb"
+            return io.BufferedReader(_CountingFileIO(path, "rb"))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(_CountingFileIO, "bytes_read", 0)
+    monkeypatch.setattr(crypto, "open", counting_open, raising=False)
+    decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD, chunk_size=256 * 1024)
+    assert size <= _CountingFileIO.bytes_read <= size + io.DEFAULT_BUFFER_SIZE
 
 
 def test_created_by_text_is_not_authenticated_as_the_spec_allows(encrypted):
@@ -271,14 +366,130 @@ def test_created_by_text_is_not_authenticated_as_the_spec_allows(encrypted):
     assert (path.parent / "out").read_bytes() == data
 
 
-def test_modulo_byte_within_0_to_15_is_unauthenticated_format_limit(encrypted):
-    """Documents the v2 weakness pyAesCrypt warns about: the size may shrink by up to 15 bytes."""
+def _last_two_blocks(raw: bytes) -> tuple[bytes, bytes]:
+    """The ciphertext block before the last, and the last one."""
+    body_end = len(raw) - TRAILER
+    return raw[body_end - 32:body_end - 16], raw[body_end - 16:body_end]
+
+
+@pytest.fixture
+def encrypted_unambiguous(tmp_path):
+    """Like `encrypted`, minus the case crypto.py's docstring owns up to.
+
+    A changed modulo byte m' passes when bytes m'..15 of the ciphertext block
+    before the last equal those of the last plaintext block (the padding AES
+    Crypt's own tools leave); about 1 encryption in 256 allows that for
+    m' = 15.  Those are encrypted again, so that every m' must be refused.
+    """
+    data = make_file(tmp_path / "record.bin", SMALL_SIZE)
+    pad = 16 - SMALL_SIZE % 16
+    last_plain = data[-(16 - pad):] + bytes([pad]) * pad
+    while True:
+        encrypt_file(tmp_path / "record.bin", tmp_path / "record.bin.aes", PASSWORD, overwrite=True)
+        previous, _ = _last_two_blocks((tmp_path / "record.bin.aes").read_bytes())
+        if all(previous[m:] != last_plain[m:] for m in range(1, 16)):
+            break
+    (tmp_path / "record.bin").unlink()
+    return data, tmp_path / "record.bin.aes"
+
+
+@pytest.mark.parametrize("modulo", [m for m in range(1, 16) if m != SMALL_SIZE % 16])
+def test_modulo_byte_changed_to_another_value_is_refused_without_plaintext(encrypted_unambiguous, modulo):
+    _, path = encrypted_unambiguous
+    raw = bytearray(path.read_bytes())
+    raw[-TRAILER] = modulo
+    path.write_bytes(raw)
+    with pytest.raises(DamagedFileError, match="record.bin.aes: .*size byte disagrees with its padding"):
+        decrypt_file(path, path.parent / "out", PASSWORD)
+    assert_only(path.parent, "record.bin.aes")
+
+
+@pytest.mark.parametrize("size", [17, SMALL_SIZE, MRI_REPORT_SIZE])  # 7 or more padding bytes: no 1-in-256 case
+def test_modulo_byte_changed_on_a_pyaescrypt_file_is_refused(tmp_path, pyaescrypt, size):
+    make_file(tmp_path / "in", size)
+    pyaescrypt.encryptFile(str(tmp_path / "in"), str(tmp_path / "in.aes"), PASSWORD)
+    raw = bytearray((tmp_path / "in.aes").read_bytes())
+    raw[-TRAILER] = size % 16 + 1  # one byte of pyAesCrypt's padding passed off as data
+    (tmp_path / "in.aes").write_bytes(raw)
+    with pytest.raises(DamagedFileError):
+        decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD)
+    assert_only(tmp_path, "in", "in.aes")
+
+
+def test_modulo_byte_changed_to_0_lengthens_the_plaintext_a_format_limit(encrypted):
+    """What cannot be caught: a size that is a multiple of 16 lets the plaintext end in anything."""
     data, path = encrypted
     raw = bytearray(path.read_bytes())
-    raw[-TRAILER] = 4
+    raw[-TRAILER] = 0
     path.write_bytes(raw)
     decrypt_file(path, path.parent / "out", PASSWORD)
-    assert (path.parent / "out").read_bytes() == data[:SMALL_SIZE - 4]
+    pad = 16 - SMALL_SIZE % 16
+    assert (path.parent / "out").read_bytes() == data + bytes([pad]) * pad
+
+
+def _write_like_aes_crypt_tools(path: Path, data: bytes, password: str, tool: str) -> None:
+    """Encrypt as AES Crypt's own tools do, from their published sources (not from crypto.py).
+
+    They encrypt block by block in place: each read of up to 16 bytes lands in
+    the buffer still holding the ciphertext block before, so a short last read
+    leaves that block's bytes as padding.  Before the first block the buffer
+    holds, in the C and C++ tools ("c"), the last block of the encrypted
+    session key; in the Java library ("java"), zeros.
+    """
+    import hashlib
+    import hmac
+    from Crypto.Cipher import AES
+
+    iv1, iv2, key2 = os.urandom(16), os.urandom(16), os.urandom(32)
+    key = iv1 + bytes(16)
+    for _ in range(8192):
+        key = hashlib.sha256(key + password.encode("utf-16-le")).digest()
+    session = AES.new(key, AES.MODE_CBC, iv1).encrypt(iv2 + key2)
+    block_cipher = AES.new(key2, AES.MODE_ECB)
+    buffer = bytearray(session[-16:] if tool == "c" else bytes(16))
+    chain, body = iv2, bytearray()
+    for start in range(0, len(data), 16):
+        piece = data[start:start + 16]
+        buffer[:len(piece)] = piece
+        buffer = bytearray(block_cipher.encrypt(bytes(a ^ b for a, b in zip(buffer, chain))))
+        chain = bytes(buffer)
+        body += buffer
+    header = b"AES\x02\x00" + b"\x00\x00" + iv1 + session + hmac.new(key, session, hashlib.sha256).digest()
+    trailer = bytes([len(data) % 16]) + hmac.new(key2, bytes(body), hashlib.sha256).digest()
+    path.write_bytes(header + bytes(body) + trailer)
+
+
+@pytest.mark.parametrize("tool", ["c", "java"])
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 1000, MRI_REPORT_SIZE])
+def test_we_open_what_aes_crypt_tools_write(tmp_path, tool, size):
+    data = os.urandom(size)
+    _write_like_aes_crypt_tools(tmp_path / "in.aes", data, PASSWORD, tool)
+    assert decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD) == size
+    assert (tmp_path / "out").read_bytes() == data
+
+
+@pytest.mark.parametrize("tool", ["c", "java"])
+def test_lowered_modulo_byte_on_an_aes_crypt_tools_file_is_refused(tmp_path, tool):
+    _write_like_aes_crypt_tools(tmp_path / "in.aes", os.urandom(SMALL_SIZE), PASSWORD, tool)
+    raw = bytearray((tmp_path / "in.aes").read_bytes())
+    raw[-TRAILER] = SMALL_SIZE % 16 - 3  # claims three of the plaintext bytes were padding
+    (tmp_path / "in.aes").write_bytes(raw)
+    with pytest.raises(DamagedFileError):
+        decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD)
+    assert_only(tmp_path, "in.aes")
+
+
+def test_raised_modulo_byte_on_an_aes_crypt_tools_file_is_a_format_limit(tmp_path):
+    """What cannot be caught: those tools' padding is the block before, so more of it passes as data."""
+    data = os.urandom(SMALL_SIZE)
+    _write_like_aes_crypt_tools(tmp_path / "in.aes", data, PASSWORD, "c")
+    raw = bytearray((tmp_path / "in.aes").read_bytes())
+    modulo = SMALL_SIZE % 16
+    raw[-TRAILER] = modulo + 3
+    (tmp_path / "in.aes").write_bytes(raw)
+    decrypt_file(tmp_path / "in.aes", tmp_path / "out", PASSWORD)
+    previous, _ = _last_two_blocks(bytes(raw))
+    assert (tmp_path / "out").read_bytes() == data + previous[modulo:modulo + 3]
 
 
 @pytest.mark.parametrize("keep", [3, 4, 6, 100, IV1_AT + 5, SESSION_AT + 20, HEADER_HMAC_AT + 3,
