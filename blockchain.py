@@ -205,7 +205,9 @@ class Rules(Protocol):
 
     def apply(self, tx: Transaction, state: Any) -> Any: ...
 
-    def block_problem(self, block: Block, state: Any) -> tuple[str | None, Any]: ...
+    def block_problem(self, block: Block, state: Any, verified: Any = ...) -> tuple[str | None, Any]: ...
+
+    def prechecked(self, blocks: list[Block], state: Any) -> Any: ...
 
     def sign_block(self, block: Block) -> Block: ...
 
@@ -396,10 +398,11 @@ class Blockchain:
         before `fork` (`earlier`: ids to check against instead, for a chain checked from its start)."""
         seen: set[str] = set()
         states: list[Any] = []
+        verified = self.rules.prechecked(blocks, state) if self.rules else None
         for block in blocks:
             problem = self.block_problem(block, previous)
             if not problem and self.rules:
-                problem, state = self.rules.block_problem(block, state)
+                problem, state = self.rules.block_problem(block, state, verified)
             if problem:
                 return f"block {block['index']}: {problem}", states
             ids = {tx["id"] for tx in block["transactions"]}
@@ -421,17 +424,25 @@ class Blockchain:
         False), so retries and gossip are safe. With rules, it must pass them in the
         state after our last block (a signed network: its signer, role and signature).
         """
+        checked_in = None
         if self.rules:
             if not isinstance(tx, dict) or not isinstance(tx.get("id"), str):
                 raise InvalidTransaction("a transaction must be a JSON object with its 'id'")
             clean = tx
+            if self.find_transaction(clean["id"]) is None:
+                # Checked before taking the lock (a signature takes a while; others should not wait for it),
+                # against the state after our last block; again under the lock only if that state changed.
+                checked_in = self._states[-1]
+                problem = self.rules.transaction_problem(clean, checked_in)
+                if problem:
+                    raise InvalidTransaction(problem)
         else:
             clean = check_transaction(tx)
             clean.setdefault("id", uuid.uuid4().hex)
         with self._lock:
             where = self.find_transaction(clean["id"])
             if where is None:
-                if self.rules:
+                if self.rules and self._states[-1] is not checked_in:
                     problem = self.rules.transaction_problem(clean, self._states[-1])
                     if problem:
                         raise InvalidTransaction(problem)

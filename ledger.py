@@ -18,12 +18,14 @@ writes are refused; what it wrote before stays valid. The state after each block
 """
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from blockchain import MAX_TEXT_LENGTH, TRANSACTION_ID, Block, Transaction, check_transaction, hash_block
+from canonical import canonical_json
 from errors import InvalidIdentity, InvalidTransaction
-from identity import NODE_ID, Identity, short_id
+from identity import NODE_ID, SIGNATURE_SIZE, Identity, PublicIdentity, b64decode, short_id
 from members import Member, Members
 from policy import Action, may
 
@@ -39,7 +41,11 @@ TYPE_FIELDS: dict[str, frozenset[str]] = {
     REMOVE: frozenset({TYPE, "id", "node_id", SIGNER, SIGNATURE}),
 }
 SIGNED_BLOCK_EXTRA = frozenset({MINER, SIGNATURE})
-
+# Joining a long chain means checking a signature or two per block. From this many on, they are checked ahead in
+# the mining processes (both cores); fewer cost less checked on the spot than handed over.
+PARALLEL_SIGNATURES = 256
+SIGNATURES_PER_TASK = 512
+Verified = frozenset  # of (signature, signed bytes): checked ahead, not checked again
 
 @dataclass(frozen=True)
 class LedgerState:
@@ -65,6 +71,26 @@ def transaction_kind(tx: Transaction) -> str:
     return tx.get(TYPE, RECORD) if isinstance(tx, dict) else RECORD
 
 
+def _unsigned(tx: Transaction) -> Transaction:
+    return {key: value for key, value in tx.items() if key != SIGNATURE}
+
+
+def _signed_by(identity: PublicIdentity, value: Any, signature: Any, verified: Verified) -> bool:
+    """Whether `signature` is `identity`'s over canonical_json(value): looked up in `verified`, else checked."""
+    if verified:
+        try:
+            if (signature, canonical_json(value)) in verified:
+                return True
+        except (ValueError, RecursionError):
+            return False
+    return identity.verify(value, signature)
+
+
+def check_signatures(items: list[tuple[bytes, bytes, bytes]]) -> list[bool]:
+    """Whether each (Ed25519 public key, message, signature) holds; run in a mining process."""
+    return [PublicIdentity.verify_raw(key, message, signature) for key, message, signature in items]
+
+
 def block_signing_hash(block: Block) -> str:
     """What a miner signs: the hash of the block without its signature (so the signature covers the nonce)."""
     return hash_block({key: value for key, value in block.items() if key != SIGNATURE})
@@ -73,9 +99,11 @@ def block_signing_hash(block: Block) -> str:
 class SignedRules:
     """The rules of one signed network, and this node's means of signing by them."""
 
-    def __init__(self, founding: Members, identity: Identity | None = None) -> None:
+    def __init__(self, founding: Members, identity: Identity | None = None,
+                 executor: Callable[[], Executor | None] | None = None) -> None:
         self.founding = founding
         self.identity = identity
+        self.executor = executor  # processes to check many signatures ahead on (the node's mining processes)
         self.initial = LedgerState(founding)
 
     # -- what the chain looks like ---------------------------------------------------------
@@ -89,8 +117,10 @@ class SignedRules:
 
     # -- checking ------------------------------------------------------------------------
 
-    def transaction_problem(self, tx: Any, state: LedgerState) -> str | None:
-        """Why `tx` may not join the chain in `state` (shape, signer, role, signature, meaning), or None."""
+    def transaction_problem(self, tx: Any, state: LedgerState, verified: Verified = frozenset()) -> str | None:
+        """Why `tx` may not join the chain in `state` (shape, signer, role, signature, meaning), or None.
+
+        `verified`: signatures already checked (prechecked), by what they signed."""
         if not isinstance(tx, dict):
             return "a transaction must be a JSON object"
         kind = transaction_kind(tx)
@@ -102,8 +132,7 @@ class SignedRules:
         problem, member = state.signer_problem(tx.get(SIGNER), TYPE_ACTION[kind], f"a {kind} transaction")
         if problem:
             return problem
-        unsigned = {key: value for key, value in tx.items() if key != SIGNATURE}
-        if not member.verify(unsigned, tx.get(SIGNATURE)):
+        if not _signed_by(member.identity, _unsigned(tx), tx.get(SIGNATURE), verified):
             return f"a {kind} transaction carries a bad signature (it is not {member.short_id}'s, or was changed)"
         return self._meaning_problem(kind, tx, state)
 
@@ -147,20 +176,47 @@ class SignedRules:
             return LedgerState(state.members.without_member(tx["node_id"]), state.removed | {tx["node_id"]})
         return state
 
-    def block_problem(self, block: Block, state: LedgerState) -> tuple[str | None, LedgerState]:
+    def block_problem(self, block: Block, state: LedgerState,
+                      verified: Verified = frozenset()) -> tuple[str | None, LedgerState]:
         """Why `block` may not follow a chain in `state` (miner, signature, then each transaction in order),
         or (None, the state after it)."""
         problem, member = state.signer_problem(block.get(MINER), Action.MINE, "the block")
         if problem:
             return problem, state
-        if not member.verify(block_signing_hash(block), block.get(SIGNATURE)):
+        if not _signed_by(member.identity, block_signing_hash(block), block.get(SIGNATURE), verified):
             return f"the block carries a bad signature (it is not {member.short_id}'s, or was changed)", state
         for tx in block["transactions"]:
-            problem = self.transaction_problem(tx, state)
+            problem = self.transaction_problem(tx, state, verified)
             if problem:
                 return problem, state
             state = self.apply(tx, state)
         return None, state
+
+    def prechecked(self, blocks: list[Block], state: LedgerState) -> Verified:
+        """The signatures of `blocks` by members of `state`, checked ahead on the mining processes when there
+        are many (a node joining a long chain): those that hold. The checks in order still decide; they only
+        skip the costly part for these."""
+        executor = self.executor() if self.executor else None
+        items: list[tuple[bytes, bytes, bytes, str]] = []
+        for block in blocks:
+            signed = [(block.get(MINER), block_signing_hash(block), block.get(SIGNATURE))]
+            signed += [(tx.get(SIGNER), _unsigned(tx), tx.get(SIGNATURE)) for tx in block.get("transactions", ())
+                       if isinstance(tx, dict)]
+            for signer, value, signature in signed:
+                member = state.members.get(signer) if isinstance(signer, str) else None
+                try:
+                    raw = b64decode(signature, SIGNATURE_SIZE, "signature")
+                    message = canonical_json(value)
+                except (ValueError, RecursionError):
+                    continue
+                if member is not None:
+                    items.append((member.identity.signing_public_key, message, raw, signature))
+        if executor is None or len(items) < PARALLEL_SIGNATURES:
+            return frozenset()
+        chunks = [items[start:start + SIGNATURES_PER_TASK] for start in range(0, len(items), SIGNATURES_PER_TASK)]
+        results = executor.map(check_signatures, [[item[:3] for item in chunk] for chunk in chunks])
+        return frozenset((item[3], item[1]) for chunk, good in zip(chunks, results)
+                         for item, ok in zip(chunk, good) if ok)
 
     # -- signing, as this node --------------------------------------------------------------
 

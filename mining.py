@@ -60,6 +60,11 @@ class Miner:
             for future in in_flight:
                 future.cancel()
 
+    def executor(self) -> ProcessPoolExecutor | None:
+        """The mining processes, for other work that spreads over the cores (checking many signatures); None
+        with one worker."""
+        return self._get_executor()
+
     def _get_executor(self) -> ProcessPoolExecutor | None:
         if self.workers <= 1:
             return None

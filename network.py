@@ -386,7 +386,19 @@ class Network:
         ours = self.blockchain.chain
         start = max(GENESIS_INDEX + 1, len(ours) - self.blockchain.finality_depth + 1)
         try:
-            blocks, length = self._fetch_blocks(base_url, start, len(ours))
+            # Most syncs find the peer's chain to be ours, or ours and more: ask from our last block first, and
+            # go back as far as a reorganisation may reach only if the peer's differs there.
+            last = len(ours)
+            if last == GENESIS_INDEX:
+                blocks, length = self._fetch_blocks(base_url, start, last)
+            else:
+                blocks, length = self._fetch_blocks(base_url, last, last)
+                if blocks and blocks[0] == ours[-1]:
+                    start = last
+                elif start < last and length >= last:
+                    blocks, length = self._fetch_blocks(base_url, start, last)
+                else:
+                    start = last
         except PeerMisbehaved as exc:
             self.fault(netloc, str(exc))
             return False, f"skipped: {exc}"

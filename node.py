@@ -127,9 +127,9 @@ class Node:
             folder.mkdir(parents=True, exist_ok=True)
         self.state_dir.chmod(PRIVATE_FOLDER_MODE)
         self.identity = node_identity(config)
-        self.rules = SignedRules(founding_members(config, self.identity), self.identity) \
-            if config.security == SIGNED else None
         self.miner = Miner(config.mining_workers or os.cpu_count() or 1)
+        self.rules = SignedRules(founding_members(config, self.identity), self.identity, self.miner.executor) \
+            if config.security == SIGNED else None
         self.blockchain = Blockchain(config.difficulty, config.genesis_timestamp, config.pow_mode,
                                      self.miner.proof_of_work, finality_depth=config.finality_depth,
                                      max_pending=config.max_pending, rules=self.rules)

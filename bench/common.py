@@ -220,8 +220,9 @@ class Cluster:
             if remove_repo:
                 shutil.rmtree(daemon.repo, ignore_errors=True)
 
-    def node(self, name: str, ipfs: Kubo | None, role: str = "patient", **settings: Any) -> NodeProcess:
-        port = free_port()
+    def node(self, name: str, ipfs: Kubo | None, role: str = "patient", port: int | None = None,
+             **settings: Any) -> NodeProcess:
+        port = port or free_port()
         data_dir = self.workdir / "nodes" / name
         # The load runs add thousands of transactions a second and mine only between runs: no pending limit
         # (max_pending, there for a node under attack) may stand in the way of what they measure.

@@ -14,6 +14,7 @@ processes on free 127.0.0.1 ports, and stops them all at the end. Items:
   6 size      a 1 GiB file through encryption, IPFS and back; throughput and peak memory
   7 attack    add_transaction and /health while hostile peers, slow heads and slow readers attack (bench/attack.py)
   8 crypto    crypto.py beside pyAesCrypt: speed on 256 MiB, peak memory on 1 GiB (bench/bench_crypto.py)
+  9 signing   what signing costs: add_transaction, adopting a long chain, syncing on top of it (bench/signing.py)
 """
 from __future__ import annotations
 
@@ -38,11 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, Cluster, Http, kubo_version, log  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ITEMS = {"1": "fig5", "2": "overhead", "3": "load", "4": "pow", "5": "scale", "6": "size", "7": "attack", "8": "crypto"}
+ITEMS = {"1": "fig5", "2": "overhead", "3": "load", "4": "pow", "5": "scale", "6": "size", "7": "attack", "8": "crypto", "9": "signing"}
 QUICK = {"runs": 8, "overhead_rounds": 10, "overhead_mib": 4, "load_seconds": 3.0, "load_rounds": 1, "pow_rounds": 2, "mine_blocks": 10,
          "files": 10_000, "lookups": 100, "scans": 10, "chain_sizes": [100, 300, 1000], "chain_gets": 3,
          "replace_nodes": 1, "big_mib": 64, "crypto_rounds": 1, "attack_seconds": 3.0, "attack_rounds": 1,
-         "crypto_speed_mib": 32, "crypto_speed_rounds": 2, "crypto_memory_mib": 64}
+         "crypto_speed_mib": 32, "crypto_speed_rounds": 2, "crypto_memory_mib": 64,
+         "sign_blocks": 1000, "sign_rounds": 1, "sign_load_seconds": 3.0}
 
 
 @dataclass
@@ -101,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="skip the multipart upload of the big file to create_hash")
     import attack
     attack.add_arguments(parser.add_argument_group("7: hostile clients"))
+    import signing
+    signing.add_arguments(parser.add_argument_group("9: signing"))
     g = parser.add_argument_group("8: crypto")
     g.add_argument("--crypto-speed-mib", type=int, default=256, help="file for the speed rounds in MiB (default 256)")
     g.add_argument("--crypto-speed-rounds", type=int, default=8, help="interleaved speed rounds (default 8)")
@@ -189,6 +193,9 @@ def run_item(name: str, ctx: Context) -> dict[str, Any]:
     if name == "crypto":
         import bench_crypto
         return bench_crypto.run(ctx)
+    if name == "signing":
+        import signing
+        return signing.run(ctx)
     raise ValueError(name)
 
 

@@ -38,6 +38,8 @@ CLUSTER_FILE = STATE / "cluster.json"
 NODE_START_SECONDS = 30
 STOP_SECONDS = 10
 SAMPLE_RECORD = "MRI.pdf"
+MEMBERS_FILE = "members.json"
+DEMO_NETWORK = "emr-demo"
 
 # The paper's ports: IPFS on 5001, patient 5002, healthcare authority 5003; Healthcare B on 5004.
 ROLES = (("patient", 5002), ("healthcare_authority", 5003), ("healthcare_provider", 5004))
@@ -268,13 +270,16 @@ def write_sample_record(path: Path, size: int = 63_795) -> Path:
 
 # -- the command line ---------------------------------------------------------------
 
-def up(per_node_kubo: bool, clean: bool, data_root: Path) -> dict[str, Any]:
-    """Start Kubo and the three role nodes on the paper's ports; returns what was started."""
+def up(per_node_kubo: bool, clean: bool, data_root: Path, security: str = "paper") -> dict[str, Any]:
+    """Start Kubo and the three role nodes on the paper's ports; returns what was started.
+
+    security="signed": each node's identity is made first, and one members file built from them is given to
+    all (data_root/members.json), as the operators of a permissioned network would."""
     if CLUSTER_FILE.exists():
         down()
     if clean:
         subprocess.run(["rm", "-rf", str(data_root)], check=True)
-    state: dict[str, Any] = {"kubo": [], "nodes": [], "per_node_kubo": per_node_kubo}
+    state: dict[str, Any] = {"kubo": [], "nodes": [], "per_node_kubo": per_node_kubo, "security": security}
     CLUSTER_FILE.parent.mkdir(parents=True, exist_ok=True)
     if per_node_kubo:
         ports = [PER_NODE_KUBO_PORTS[port] for _, port in ROLES]
@@ -285,11 +290,17 @@ def up(per_node_kubo: bool, clean: bool, data_root: Path) -> dict[str, Any]:
     state["kubo"] = [str(daemon.repo) for daemon in daemons]
     _save(state)
     urls = [f"http://127.0.0.1:{port}" for _, port in ROLES]
+    signed: dict[str, Any] = {}
+    if security == "signed":
+        descriptions = [describe_node(role, port, data_root / f"node-{port}") for role, port in ROLES]
+        signed = {"security": "signed",
+                  "members_file": write_members_file(data_root / MEMBERS_FILE, DEMO_NETWORK, descriptions)}
+        state["members_file"] = str(signed["members_file"])
     for number, (role, port) in enumerate(ROLES):
         daemon = daemons[number] if per_node_kubo else daemons[0]
         data_dir = data_root / f"node-{port}"
         peers = ",".join(url for url in urls[:number])
-        node = NodeProcess(port, node_args(role, data_dir=data_dir, ipfs_api=daemon.api_url, peers=peers),
+        node = NodeProcess(port, node_args(role, data_dir=data_dir, ipfs_api=daemon.api_url, peers=peers, **signed),
                            STATE / "logs" / f"node-{port}.log").start()
         state["nodes"].append({"role": role, "port": port, "pid": node.pid, "data_dir": str(data_dir),
                                "ipfs_api": daemon.api_url, "log": str(node.log_path)})
@@ -363,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--foreground", action="store_true", help="keep running until Ctrl-C, then stop everything")
     start.add_argument("--clean", action="store_true", help="start from empty node data directories")
     start.add_argument("--data-root", type=Path, default=ROOT / "data", help="folder holding node-PORT data dirs")
+    start.add_argument("--security", choices=("paper", "signed"), default=os.environ.get("SECURITY") or "paper",
+                       help="paper (the paper's open network) or signed (members with keys; env SECURITY)")
     sub.add_parser("down", help="stop everything `up` started")
     sub.add_parser("peers", help="list each Kubo daemon's swarm peers; fail if any is beyond 127.0.0.1")
     args = parser.parse_args(argv)
@@ -372,13 +385,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "peers":
         return 0 if check_swarm_peers() else 1
     try:
-        state = up(args.per_node_kubo, args.clean, args.data_root)
+        state = up(args.per_node_kubo, args.clean, args.data_root, args.security)
     except BaseException:
         down()
         raise
     for node in state["nodes"]:
         print(f"{node['role']:<21} http://127.0.0.1:{node['port']}  data {node['data_dir']}  IPFS {node['ipfs_api']}")
     print(f"sample record: {state['nodes'][0]['data_dir']}/{SAMPLE_RECORD}")
+    if state.get("members_file"):
+        print(f"signed network {DEMO_NETWORK}: members file {state['members_file']}")
     if args.foreground:
         print("running; press Ctrl-C to stop")
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -2,6 +2,8 @@
 # make demo: start Kubo and the three role nodes on the paper's ports, run the Fig. 3 workflow
 # with curl (scripts/walkthrough.sh), then stop everything it started. Exit 0 only if every step held.
 # PER_NODE_KUBO=1 gives every node its own Kubo daemon, joined as a private IPFS network.
+# SECURITY=signed runs it on a signed network of the three role nodes (their identities and members file made
+# first), then shows each node's id and two forgeries every node refuses (scripts/signed_walkthrough.sh).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -10,8 +12,13 @@ DATA=$ROOT/.state/demo
 
 args=(up --clean --data-root "$DATA")
 [ "${PER_NODE_KUBO:-0}" = 1 ] && args+=(--per-node-kubo)
+SECURITY=${SECURITY:-paper}
+args+=(--security "$SECURITY")
 trap '"$PY" scripts/cluster.py down' EXIT
 "$PY" scripts/cluster.py "${args[@]}"
 PATIENT_DATA=$DATA/node-5002 PROVIDER_DATA=$DATA/node-5004 scripts/walkthrough.sh
+if [ "$SECURITY" = signed ]; then
+  PY="$PY" AUTHORITY_DATA=$DATA/node-5003 scripts/signed_walkthrough.sh
+fi
 echo
 "$PY" scripts/cluster.py peers   # IPFS never left the loopback range

@@ -8,39 +8,14 @@
 # The patient's data folder must hold MRI.pdf (make up and make demo put a sample there).
 set -euo pipefail
 
-PATIENT=${PATIENT:-http://127.0.0.1:5002}
-AUTHORITY=${AUTHORITY:-http://127.0.0.1:5003}
-PROVIDER=${PROVIDER:-http://127.0.0.1:5004}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=scripts/walkthrough_lib.sh
+. "$HERE/walkthrough_lib.sh"
 PATIENT_DATA=${PATIENT_DATA:-data/node-5002}
 PROVIDER_DATA=${PROVIDER_DATA:-data/node-5004}
 RECORD=${RECORD:-MRI.pdf}
 PASSWORD=${EMR_PASSWORD:-$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')}
 SYNC_SECONDS=${SYNC_SECONDS:-15}
-
-step=0
-if [ -t 1 ]; then BOLD=$'\033[1m' RED=$'\033[31m' GREEN=$'\033[32m' PLAIN=$'\033[0m'; else BOLD= RED= GREEN= PLAIN=; fi
-heading() { step=$((step + 1)); printf '\n%s== %d. %s%s\n' "$BOLD" "$step" "$*" "$PLAIN"; }
-fail() { printf '%sFAILED: %s%s\n' "$RED" "$*" "$PLAIN" >&2; exit 1; }
-
-# call METHOD URL [JSON] [EXPECTED_STATUS]: print the request and the response; keep the body in $BODY
-call() {
-  local method=$1 url=$2 data=${3:-} expected=${4:-200} out status
-  printf '> %s %s\n' "$method" "$url"
-  [ -n "$data" ] && printf '%s\n' "$data" | sed 's/"password": *"[^"]*"/"password": "(shared secret)"/; s/^/  /'
-  out=$(mktemp)
-  if [ -n "$data" ]; then
-    status=$(curl -sS -o "$out" -w '%{http_code}' -X "$method" -H 'Content-Type: application/json' --data "$data" "$url")
-  else
-    status=$(curl -sS -o "$out" -w '%{http_code}' -X "$method" "$url")
-  fi
-  BODY=$(cat "$out"); rm -f "$out"
-  printf '< %s\n' "$status"
-  printf '%s' "$BODY" | python3 -m json.tool --no-ensure-ascii 2>/dev/null | head -60 | sed 's/^/  /' || printf '  %s\n' "$BODY"
-  [ "$status" = "$expected" ] || fail "$method $url answered $status, expected $expected"
-}
-
-# field EXPR: a value from the last response body, e.g. field '["IPFS Hash"]["Hash"]'
-field() { printf '%s' "$BODY" | python3 -c "import json, sys; print(json.load(sys.stdin)$1)"; }
 
 [ -f "$PATIENT_DATA/$RECORD" ] || fail "no $RECORD in the patient's data folder $PATIENT_DATA"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The SQLite store on its own: add_pending with 100,000 records stored vs an empty store, and load().
 
-    python bench/store.py --out FILE.json [--records 100000] [--rounds 40] [--per-round 25]
+    python bench/persist.py --out FILE.json [--records 100000] [--rounds 40] [--per-round 25]
 
 Both stores take add_pending in interleaved rounds (the order alternates), so a busy
 machine slows both alike; after each round the round's transactions are mined into a
