@@ -317,7 +317,8 @@ def members() -> Any:
     return jsonify(current_node().members())
 
 
-def membership_answer(receipt: Any, what: str) -> Any:
+def receipt_answer(receipt: Any, what: str) -> Any:
+    """A signed transaction this node made (an admission, a grant...): where it will be, and its id."""
     status = 201 if receipt.new else 200
     return jsonify(message=f"The {what} will be in Block {receipt.index}", index=receipt.index,
                    id=receipt.transaction["id"]), status
@@ -326,13 +327,59 @@ def membership_answer(receipt: Any, what: str) -> Any:
 @api.post("/admit_member")
 @serves(Action.ADMIT)
 def admit_member() -> Any:
-    return membership_answer(current_node().admit_member(json_body("member").get("member")), "admission")
+    return receipt_answer(current_node().admit_member(json_body("member").get("member")), "admission")
 
 
 @api.post("/remove_member")
 @serves(Action.ADMIT)
 def remove_member() -> Any:
-    return membership_answer(current_node().remove_member(json_body("node_id").get("node_id")), "removal")
+    return receipt_answer(current_node().remove_member(json_body("node_id").get("node_id")), "removal")
+
+
+@api.post("/publish_record")
+@serves(Action.RECORD)
+def publish_record() -> Any:
+    body = json_body("file_path", "EHR_name", "user_id")
+    result = current_node().publish_record(text_field(body, "file_path"), body.get("EHR_name"), body.get("user_id"))
+    return jsonify(message=f"The record is encrypted with a key of its own, on IPFS, and will be in Block "
+                           f"{result['index']}", **result), 201
+
+
+@api.post("/grant")
+@serves(Action.GRANT)
+def grant() -> Any:
+    body = json_body("record", "member", "expires", "purpose", "versions")
+    receipt = current_node().grant(body.get("record"), body.get("member"), body.get("expires", ""),
+                                   body.get("purpose", ""), body.get("versions", "all"))
+    return receipt_answer(receipt, "grant")
+
+
+@api.post("/revoke")
+@serves(Action.GRANT)
+def revoke() -> Any:
+    return receipt_answer(current_node().revoke(json_body("grant").get("grant")), "revocation")
+
+
+@api.get("/grants")
+@serves(Action.READ)
+def grants() -> Any:
+    return jsonify(current_node().grants())
+
+
+@api.post("/open_record")
+@serves(Action.FETCH)
+def open_record() -> Any:
+    body = json_body("record", "purpose", "emergency", "reason")
+    return jsonify(current_node().open_record(body.get("record"), body.get("purpose", ""),
+                                              body.get("emergency", False), body.get("reason", "")))
+
+
+@api.get("/audit")
+@serves(Action.READ)
+def audit() -> Any:
+    fields = ("owner", "user_id", "record", "member", "since", "until", "limit")
+    refuse_unknown(request.args, fields)
+    return jsonify(current_node().audit(**{name: request.args.get(name) for name in fields}))
 
 
 @api.get("/openapi.json")

@@ -201,13 +201,19 @@ class Rules(Protocol):
 
     def block_keys(self) -> frozenset[str]: ...
 
-    def transaction_problem(self, tx: Any, state: Any) -> str | None: ...
+    def transaction_problem(self, tx: Any, state: Any, verified: Any = ..., view: Any = ...) -> str | None: ...
 
     def apply(self, tx: Transaction, state: Any) -> Any: ...
 
-    def block_problem(self, block: Block, state: Any, verified: Any = ...) -> tuple[str | None, Any]: ...
+    def block_problem(self, block: Block, state: Any, verified: Any = ..., view: Any = ...) -> tuple[str | None, Any]: ...
 
     def prechecked(self, blocks: list[Block], state: Any) -> Any: ...
+
+    def index_block(self, block: Block) -> None: ...
+
+    def reset_index(self) -> None: ...
+
+    def view(self, before: int) -> Any: ...
 
     def sign_block(self, block: Block) -> Block: ...
 
@@ -399,10 +405,12 @@ class Blockchain:
         seen: set[str] = set()
         states: list[Any] = []
         verified = self.rules.prechecked(blocks, state) if self.rules else None
+        view = self.rules.view(fork) if self.rules and earlier is None else \
+            self.rules.view(GENESIS_INDEX + 1) if self.rules else None
         for block in blocks:
             problem = self.block_problem(block, previous)
             if not problem and self.rules:
-                problem, state = self.rules.block_problem(block, state, verified)
+                problem, state = self.rules.block_problem(block, state, verified, view)
             if problem:
                 return f"block {block['index']}: {problem}", states
             ids = {tx["id"] for tx in block["transactions"]}
@@ -433,7 +441,7 @@ class Blockchain:
                 # Checked before taking the lock (a signature takes a while; others should not wait for it),
                 # against the state after our last block; again under the lock only if that state changed.
                 checked_in = self._states[-1]
-                problem = self.rules.transaction_problem(clean, checked_in)
+                problem = self.rules.transaction_problem(clean, checked_in, view=self.rules.view(len(self._chain) + 1))
                 if problem:
                     raise InvalidTransaction(problem)
         else:
@@ -443,7 +451,8 @@ class Blockchain:
             where = self.find_transaction(clean["id"])
             if where is None:
                 if self.rules and self._states[-1] is not checked_in:
-                    problem = self.rules.transaction_problem(clean, self._states[-1])
+                    problem = self.rules.transaction_problem(clean, self._states[-1],
+                                                             view=self.rules.view(len(self._chain) + 1))
                     if problem:
                         raise InvalidTransaction(problem)
                 if len(self._pending) >= self.max_pending:
@@ -483,17 +492,18 @@ class Blockchain:
         them. Caller holds the lock; those the rules no longer accept leave the pending list."""
         if not self.rules:
             return pending[:MAX_TRANSACTIONS_PER_BLOCK], state
-        taken = []
+        taken, view = [], self.rules.view(len(self._chain) + 1)
         for tx in pending:
             if len(taken) == MAX_TRANSACTIONS_PER_BLOCK:
                 break
-            problem = self.rules.transaction_problem(tx, state)
+            problem = self.rules.transaction_problem(tx, state, view=view)
             if problem:
                 self._pending.pop(tx["id"], None)
                 log.warning("pending transaction %s dropped: %s", tx["id"], problem)
                 continue
             taken.append(tx)
             state = self.rules.apply(tx, state)
+            view.note(tx)
         return taken, state
 
     def _search(self, block: Block, previous: Block) -> int:
@@ -513,6 +523,8 @@ class Blockchain:
             self._pending.pop(tx["id"], None)
 
     def _index_block(self, block: Block) -> None:
+        if self.rules:
+            self.rules.index_block(block)
         for tx in block["transactions"]:
             self._tx_block[tx["id"]] = block["index"]
             if "ipfs_hash" not in tx:
@@ -655,6 +667,8 @@ class Blockchain:
         the lock."""
         self._chain, self._states = list(chain), list(states)
         self._tx_block, self._records, self._newest_by_cid, self._pending = {}, {}, {}, {}
+        if self.rules:
+            self.rules.reset_index()
         for block in self._chain:
             self._index_block(block)
 

@@ -22,10 +22,12 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from blockchain import MAX_TEXT_LENGTH, TRANSACTION_ID, Block, Transaction, check_transaction, hash_block
+from blockchain import (CONTROL_CHARACTER, MAX_TEXT_LENGTH, TIMESTAMP, TRANSACTION_ID, Block, Transaction,
+                        check_transaction, hash_block, is_cid)
 from canonical import canonical_json
-from errors import InvalidIdentity, InvalidTransaction
+from errors import BadInput, InvalidIdentity, InvalidTransaction
 from identity import NODE_ID, SIGNATURE_SIZE, Identity, PublicIdentity, b64decode, short_id
+from keywrap import WrappedKey
 from members import Member, Members
 from policy import Action, may
 
@@ -34,18 +36,30 @@ SIGNATURE = "signature"
 MINER = "miner"
 TYPE = "type"
 RECORD, ADMIT, REMOVE = "record", "admit", "remove"
+GRANT, REVOKE, ACCESS = "grant", "revoke", "access"
 # The action of policy.py each kind of transaction performs: its signer's role must be allowed it.
-TYPE_ACTION: dict[str, Action] = {RECORD: Action.RECORD, ADMIT: Action.ADMIT, REMOVE: Action.ADMIT}
+TYPE_ACTION: dict[str, Action] = {RECORD: Action.RECORD, ADMIT: Action.ADMIT, REMOVE: Action.ADMIT,
+                                  GRANT: Action.GRANT, REVOKE: Action.GRANT, ACCESS: Action.FETCH}
 TYPE_FIELDS: dict[str, frozenset[str]] = {
     ADMIT: frozenset({TYPE, "id", "member", SIGNER, SIGNATURE}),
     REMOVE: frozenset({TYPE, "id", "node_id", SIGNER, SIGNATURE}),
+    GRANT: frozenset({TYPE, "id", "grantee", "records", "expires", "purpose", SIGNER, SIGNATURE}),
+    REVOKE: frozenset({TYPE, "id", "grant", SIGNER, SIGNATURE}),
+    ACCESS: frozenset({TYPE, "id", "record", "outcome", "grant", "reason", "purpose", "emergency", "at", SIGNER,
+                       SIGNATURE}),
 }
+KEYS = "keys"  # on a record: its key wrapped for its owner (and the network's emergency members)
+OPENED, REFUSED = "opened", "refused"
+MAX_KEYS = 32
+MAX_GRANT_RECORDS = 64
 SIGNED_BLOCK_EXTRA = frozenset({MINER, SIGNATURE})
 # Joining a long chain means checking a signature or two per block. From this many on, they are checked ahead in
 # the mining processes (both cores); fewer cost less checked on the spot than handed over.
 PARALLEL_SIGNATURES = 256
 SIGNATURES_PER_TASK = 512
 Verified = frozenset  # of (signature, signed bytes): checked ahead, not checked again
+EMERGENCY_SETTING = "emergency_members"  # members file setting: node ids or roles that may break the glass
+NETWORK_RULES = (EMERGENCY_SETTING,)  # settings of the members file that are rules of the network, not node flags
 
 @dataclass(frozen=True)
 class LedgerState:
@@ -69,6 +83,187 @@ class LedgerState:
 
 def transaction_kind(tx: Transaction) -> str:
     return tx.get(TYPE, RECORD) if isinstance(tx, dict) else RECORD
+
+
+# -- consent: grants, revocations, accesses --------------------------------------------------
+
+class ConsentIndex:
+    """Who owns which record, which grants and revocations exist, and every access, as the chain holds them.
+
+    Kept beside the chain (the chain feeds it each block; `reset` on a reorganisation, then the blocks again), for
+    the checks (a grant's records must be its signer's) and for the node: opening under a grant, the audit.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.records: dict[str, tuple[int, Transaction]] = {}  # cid -> its first record
+        self.grants: dict[str, tuple[int, Transaction]] = {}  # grant id -> the grant
+        self.revoked: dict[str, int] = {}  # grant id -> the block of its revocation
+        self.grants_for: dict[tuple[str, str], list[str]] = {}  # (grantee, cid) -> grant ids, oldest first
+        self.granted_by: dict[str, list[str]] = {}  # owner -> its grant ids, oldest first
+        self.accesses: dict[str, list[tuple[int, Transaction]]] = {}  # owner -> accesses to its records
+        self.emergencies: dict[str, list[tuple[int, Transaction]]] = {}  # owner -> its break-glass accesses
+        self.accesses_by: dict[tuple[str, str], list[tuple[int, Transaction]]] = {}  # (owner, member) -> accesses
+        self.accesses_of: dict[str, list[tuple[int, Transaction]]] = {}  # cid -> accesses
+
+    def add_block(self, block: Block) -> None:
+        for tx in block["transactions"]:
+            self.add(tx, block["index"])
+
+    def add(self, tx: Transaction, index: int) -> None:
+        kind = transaction_kind(tx)
+        if kind == RECORD and SIGNER in tx:
+            self.records.setdefault(tx["ipfs_hash"], (index, tx))
+        elif kind == GRANT:
+            self.grants[tx["id"]] = (index, tx)
+            self.granted_by.setdefault(tx[SIGNER], []).append(tx["id"])
+            for entry in tx["records"]:
+                self.grants_for.setdefault((tx["grantee"], entry["cid"]), []).append(tx["id"])
+        elif kind == REVOKE:
+            self.revoked.setdefault(tx["grant"], index)
+        elif kind == ACCESS and tx["record"] in self.records:
+            owner = self.records[tx["record"]][1][SIGNER]
+            entry = (index, tx)
+            self.accesses.setdefault(owner, []).append(entry)
+            if tx["emergency"]:
+                self.emergencies.setdefault(owner, []).append(entry)
+            self.accesses_by.setdefault((owner, tx[SIGNER]), []).append(entry)
+            self.accesses_of.setdefault(tx["record"], []).append(entry)
+
+    def view(self, before: int) -> "ChainView":
+        return ChainView(self, before)
+
+
+class ChainView:
+    """The chain as a block at index `before` sees it: what the index holds from earlier blocks, and what the
+    blocks being checked added since (noted in order)."""
+
+    def __init__(self, index: ConsentIndex, before: int) -> None:
+        self.index, self.before = index, before
+        self.records: dict[str, Transaction] = {}
+        self.grants: dict[str, Transaction] = {}
+        self.revoked: set[str] = set()
+
+    def record(self, cid: str) -> Transaction | None:
+        if cid in self.records:
+            return self.records[cid]
+        found = self.index.records.get(cid)
+        return found[1] if found and found[0] < self.before else None
+
+    def grant(self, grant_id: str) -> Transaction | None:
+        if grant_id in self.grants:
+            return self.grants[grant_id]
+        found = self.index.grants.get(grant_id)
+        return found[1] if found and found[0] < self.before else None
+
+    def is_revoked(self, grant_id: str) -> bool:
+        return grant_id in self.revoked or self.index.revoked.get(grant_id, self.before) < self.before
+
+    def note(self, tx: Transaction) -> None:
+        kind = transaction_kind(tx)
+        if kind == RECORD and SIGNER in tx:
+            self.records.setdefault(tx["ipfs_hash"], tx)
+        elif kind == GRANT:
+            self.grants[tx["id"]] = tx
+        elif kind == REVOKE:
+            self.revoked.add(tx["grant"])
+
+
+def _text_problem(tx: Transaction, field: str, required: bool = False) -> str | None:
+    value = tx[field]
+    if not isinstance(value, str) or len(value) > MAX_TEXT_LENGTH or CONTROL_CHARACTER.search(value) or \
+            (required and not value.strip()):
+        return f"'{field}' must be {'non-empty ' if required else ''}text of at most {MAX_TEXT_LENGTH} characters"
+    return None
+
+
+def _keys_problem(tx: Transaction) -> str | None:
+    keys = tx[KEYS]
+    if not isinstance(keys, dict) or not 0 < len(keys) <= MAX_KEYS:
+        return f"'keys' must map 1 to {MAX_KEYS} member ids to wrapped keys"
+    for node_id, wrapped in keys.items():
+        if not NODE_ID.fullmatch(node_id):
+            return "'keys' holds something that is not a member id"
+        try:
+            WrappedKey.from_json(wrapped)
+        except BadInput as exc:
+            return f"'keys' holds a malformed wrapped key: {exc}"
+    return None
+
+
+def _grant_shape(tx: Transaction) -> str | None:
+    if not isinstance(tx["grantee"], str) or not NODE_ID.fullmatch(tx["grantee"]):
+        return "'grantee' must be a member's node id"
+    records = tx["records"]
+    if not isinstance(records, list) or not 0 < len(records) <= MAX_GRANT_RECORDS:
+        return f"'records' must list 1 to {MAX_GRANT_RECORDS} records"
+    for entry in records:
+        if not isinstance(entry, dict) or set(entry) != {"cid", "key"} or not isinstance(entry["cid"], str) or \
+                not is_cid(entry["cid"]):
+            return "each of 'records' must be {\"cid\": a record's CID, \"key\": its key wrapped for the grantee}"
+        try:
+            WrappedKey.from_json(entry["key"])
+        except BadInput as exc:
+            return f"a grant holds a malformed wrapped key: {exc}"
+    if len({entry["cid"] for entry in records}) != len(records):
+        return "a grant names a record twice"
+    if tx["expires"] != "" and not (isinstance(tx["expires"], str) and TIMESTAMP.fullmatch(tx["expires"])):
+        return "'expires' must be \"\" (never) or a time like 2027-01-31 23:59:59.000000"
+    return _text_problem(tx, "purpose")
+
+
+def _revoke_shape(tx: Transaction) -> str | None:
+    if not isinstance(tx["grant"], str) or not TRANSACTION_ID.fullmatch(tx["grant"]):
+        return "'grant' must be a grant's id"
+    return None
+
+
+def _access_shape(tx: Transaction) -> str | None:
+    if not isinstance(tx["record"], str) or not is_cid(tx["record"]):
+        return "'record' must be a record's CID"
+    if tx["outcome"] not in (OPENED, REFUSED):
+        return f"'outcome' must be {OPENED!r} or {REFUSED!r}"
+    if tx["grant"] != "" and not (isinstance(tx["grant"], str) and TRANSACTION_ID.fullmatch(tx["grant"])):
+        return "'grant' must be a grant's id, or \"\""
+    if type(tx["emergency"]) is not bool:
+        return "'emergency' must be true or false"
+    if not isinstance(tx["at"], str) or not TIMESTAMP.fullmatch(tx["at"]):
+        return "'at' must be a time like 2027-01-31 23:59:59.000000"
+    return _text_problem(tx, "reason") or _text_problem(tx, "purpose")
+
+
+CONSENT_SHAPES = {GRANT: _grant_shape, REVOKE: _revoke_shape, ACCESS: _access_shape}
+
+
+def _consent_problem(kind: str, tx: Transaction, state: LedgerState, view: ChainView) -> str | None:
+    """What a record, grant, revocation or access refers to must exist on the chain, and be its signer's to give."""
+    if kind == RECORD:
+        earlier = view.record(tx["ipfs_hash"])
+        return None if earlier is None or earlier[SIGNER] == tx[SIGNER] else \
+            f"record {tx['ipfs_hash']} is {short_id(earlier[SIGNER])}'s already: another member cannot own it"
+    if kind == GRANT:
+        if tx["grantee"] not in state.members:
+            return f"a grant to {short_id(tx['grantee'])}, not a member of this network"
+        for entry in tx["records"]:
+            record = view.record(entry["cid"])
+            if record is None:
+                return f"a grant of record {entry['cid']}, which is not on the chain (mine it first)"
+            if record[SIGNER] != tx[SIGNER]:
+                return (f"a grant of record {entry['cid']} by {short_id(tx[SIGNER])}: only its owner, "
+                        f"{short_id(record[SIGNER])}, may grant it")
+        return None
+    if kind == REVOKE:
+        grant = view.grant(tx["grant"])
+        if grant is None:
+            return f"a revocation of grant {tx['grant']}, which is not on the chain"
+        if grant[SIGNER] != tx[SIGNER]:
+            return f"a revocation of grant {tx['grant']} by {short_id(tx[SIGNER])}: only its owner may revoke it"
+        return f"grant {tx['grant']} is revoked already" if view.is_revoked(tx["grant"]) else None
+    if view.record(tx["record"]) is None:
+        return f"an access to record {tx['record']}, which is not on the chain"
+    return None
 
 
 def _unsigned(tx: Transaction) -> Transaction:
@@ -105,6 +300,23 @@ class SignedRules:
         self.identity = identity
         self.executor = executor  # processes to check many signatures ahead on (the node's mining processes)
         self.initial = LedgerState(founding)
+        self.index = ConsentIndex()
+
+    def index_block(self, block: Block) -> None:
+        self.index.add_block(block)
+
+    def reset_index(self) -> None:
+        self.index.reset()
+
+    def view(self, before: int) -> ChainView:
+        return self.index.view(before)
+
+    def emergency_members(self, state: LedgerState) -> list[Member]:
+        """The members a record's key is also wrapped for, for break-glass access: those the members file names
+        in its `emergency_members` setting, by node id or by role."""
+        named = {name.strip() for name in str(self.founding.settings.get(EMERGENCY_SETTING, "")).split(",")
+                 if name.strip()}
+        return [member for member in state.members if member.node_id in named or member.role in named]
 
     # -- what the chain looks like ---------------------------------------------------------
 
@@ -117,10 +329,13 @@ class SignedRules:
 
     # -- checking ------------------------------------------------------------------------
 
-    def transaction_problem(self, tx: Any, state: LedgerState, verified: Verified = frozenset()) -> str | None:
+    def transaction_problem(self, tx: Any, state: LedgerState, verified: Verified = frozenset(),
+                            view: ChainView | None = None) -> str | None:
         """Why `tx` may not join the chain in `state` (shape, signer, role, signature, meaning), or None.
 
-        `verified`: signatures already checked (prechecked), by what they signed."""
+        `verified`: signatures already checked (prechecked), by what they signed. `view`: the chain the
+        transaction would join, for what it refers to (a grant's records, a revocation's grant); without one
+        (the chain's lookups), only the transaction itself is judged."""
         if not isinstance(tx, dict):
             return "a transaction must be a JSON object"
         kind = transaction_kind(tx)
@@ -134,25 +349,29 @@ class SignedRules:
             return problem
         if not _signed_by(member.identity, _unsigned(tx), tx.get(SIGNATURE), verified):
             return f"a {kind} transaction carries a bad signature (it is not {member.short_id}'s, or was changed)"
-        return self._meaning_problem(kind, tx, state)
+        return self._meaning_problem(kind, tx, state, view)
 
     def _shape_problem(self, kind: str, tx: Transaction) -> str | None:
         if kind == RECORD:
             try:
-                clean = check_transaction({key: value for key, value in tx.items() if key not in (SIGNER, SIGNATURE)})
+                clean = check_transaction({key: value for key, value in tx.items()
+                                           if key not in (SIGNER, SIGNATURE, KEYS)})
             except InvalidTransaction as exc:
                 return f"a record is malformed: {exc}"
-            if {**clean, SIGNER: tx.get(SIGNER), SIGNATURE: tx.get(SIGNATURE)} != tx or "id" not in tx:
+            extra = {SIGNER: tx.get(SIGNER), SIGNATURE: tx.get(SIGNATURE)} | ({KEYS: tx[KEYS]} if KEYS in tx else {})
+            if {**clean, **extra} != tx or "id" not in tx:
                 return "a record has a field of the wrong form, no id, or no signer and signature"
-            return None
+            return _keys_problem(tx) if KEYS in tx else None
         if set(tx) != TYPE_FIELDS[kind]:
             return f"a {kind} transaction must have exactly {', '.join(sorted(TYPE_FIELDS[kind]))}"
         if not isinstance(tx["id"], str) or not TRANSACTION_ID.fullmatch(tx["id"]):
             return "'id' must be 32 lowercase hex digits"
-        return None
+        return CONSENT_SHAPES[kind](tx) if kind in CONSENT_SHAPES else None
 
     @staticmethod
-    def _meaning_problem(kind: str, tx: Transaction, state: LedgerState) -> str | None:
+    def _meaning_problem(kind: str, tx: Transaction, state: LedgerState, view: ChainView | None) -> str | None:
+        if kind in (GRANT, REVOKE, ACCESS, RECORD) and view is not None:
+            return _consent_problem(kind, tx, state, view)
         if kind == ADMIT:
             try:
                 member = Member.from_dict(tx["member"])
@@ -176,20 +395,22 @@ class SignedRules:
             return LedgerState(state.members.without_member(tx["node_id"]), state.removed | {tx["node_id"]})
         return state
 
-    def block_problem(self, block: Block, state: LedgerState,
-                      verified: Verified = frozenset()) -> tuple[str | None, LedgerState]:
+    def block_problem(self, block: Block, state: LedgerState, verified: Verified = frozenset(),
+                      view: ChainView | None = None) -> tuple[str | None, LedgerState]:
         """Why `block` may not follow a chain in `state` (miner, signature, then each transaction in order),
-        or (None, the state after it)."""
+        or (None, the state after it). `view`: the chain before the block, noting what the block adds."""
         problem, member = state.signer_problem(block.get(MINER), Action.MINE, "the block")
         if problem:
             return problem, state
         if not _signed_by(member.identity, block_signing_hash(block), block.get(SIGNATURE), verified):
             return f"the block carries a bad signature (it is not {member.short_id}'s, or was changed)", state
         for tx in block["transactions"]:
-            problem = self.transaction_problem(tx, state, verified)
+            problem = self.transaction_problem(tx, state, verified, view)
             if problem:
                 return problem, state
             state = self.apply(tx, state)
+            if view is not None:
+                view.note(tx)
         return None, state
 
     def prechecked(self, blocks: list[Block], state: LedgerState) -> Verified:

@@ -17,15 +17,20 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from datetime import datetime
+from typing import IO, Any, Callable, Iterable
 
 import crypto
-from blockchain import Block, Blockchain, Receipt, Transaction, check_transaction, hash_block, is_cid
+from blockchain import (MAX_TEXT_LENGTH, TIMESTAMP, TIMESTAMP_FORMAT, TRANSACTION_ID, Block, Blockchain, Receipt,
+                        Transaction, check_transaction, hash_block, is_cid)
 from config import Config
 from errors import (BadInput, Busy, Conflict, Forbidden, InvalidIdentity, IpfsError, NodeError,
                     NotFound, PathRefused, PeerError, PeerRefused, StateDamaged)
-from identity import NODE_ID, Identity, PublicIdentity, describe, load_or_create
-from ledger import ADMIT, REMOVE, LedgerState, SignedRules
+from identity import NODE_ID, Identity, PublicIdentity, describe, load_or_create, short_id
+from keywrap import (BREAK_GLASS_PURPOSE, RECORD_KEY_PURPOSE, new_record_key, record_key_bytes, record_key_text,
+                     unwrap_key, wrap_key)
+from ledger import (ACCESS, ADMIT, GRANT, KEYS, NETWORK_RULES, OPENED, REFUSED, REMOVE, REVOKE, LedgerState,
+                    SignedRules)
 from members import Member, Members, load_members
 from ipfs_client import IpfsClient
 from mining import Miner
@@ -42,6 +47,9 @@ UPLOADS_FOLDER = "uploads"
 IDENTITY_FILE = "identity.json"
 SIGNED = "signed"
 IDENTITY_EXTRAS = ("security", "network")  # what identity_info adds to a member's description
+ALL_VERSIONS, NEWEST_VERSION = "all", "newest"
+AUDIT_LIMIT = 100
+MAX_AUDIT_LIMIT = 1000
 SOLO_NETWORK = "solo"  # a signed node started without a members file founds a network of one: solo-<its id>
 SOLO_NAME_CHARACTERS = 8
 IMPORTED_SUFFIX = ".imported"
@@ -91,8 +99,9 @@ def founding_members(config: Config, identity: Identity) -> Members:
     if listed.role != config.role_name:
         raise StateDamaged(f"{config.members_file} lists this node ({identity.short_id}) as a {listed.role}, but it "
                            f"is started as a {config.role_name}")
+    rules = {name: members.settings[name] for name in NETWORK_RULES if name in members.settings}
     problems = members.settings_problems({"security": config.security, "pow_mode": config.pow_mode,
-                                         "difficulty": config.difficulty})
+                                         "difficulty": config.difficulty, **rules})
     if problems:
         raise StateDamaged(f"{config.members_file} sets the network's settings otherwise: {'; '.join(problems)}")
     return members
@@ -346,6 +355,239 @@ class Node:
         log.info("restored a chain of %d blocks, %d pending transactions and %d peers from %s",
                  len(self.blockchain), self.blockchain.pending_count, len(peers), store_path)
 
+    # -- consent (signed networks) ----------------------------------------------
+
+    def publish_record(self, file_path: Any, ehr_name: Any, user_id: Any) -> dict[str, Any]:
+        """Encrypt a file of the data directory with a fresh random key, add it to IPFS and record it, in one
+        call: the key is wrapped for this node (its owner) and the network's emergency members, never stored
+        or sent in the clear. The .aes file opens in any AES Crypt tool for whoever is given the key."""
+        state = self._signed_state()
+        source = self._existing(file_path)
+        record_key = new_record_key()
+        encrypted = self.uploads / f".publish-{uuid.uuid4().hex}{crypto.AES_SUFFIX}"
+        try:
+            crypto.encrypt_file(source, encrypted, record_key)
+            with open(encrypted, "rb") as stream:
+                added = self.ipfs.add_file(NamedUpload(stream, safe_file_name(source.name + crypto.AES_SUFFIX,
+                                                                              "record.aes")))
+        finally:
+            encrypted.unlink(missing_ok=True)
+        cid, me = added["Hash"], self.identity.node_id
+        secret = record_key_bytes(record_key)
+        keys = {me: wrap_key(secret, self.identity.public().exchange_public_key, cid=cid, grantee=me).to_json()}
+        for member in self.rules.emergency_members(state):
+            if member.node_id != me:
+                keys[member.node_id] = wrap_key(secret, member.identity.exchange_public_key, cid=cid,
+                                                grantee=member.node_id, purpose=BREAK_GLASS_PURPOSE).to_json()
+        tx = check_transaction({"user_id": user_id, "ipfs_hash": cid, "EHR_name": ehr_name,
+                                "file_name": added["Name"], "file_size": added["Size"]})
+        receipt = self.network.add_transaction(self.rules.sign_transaction({**tx, "id": uuid.uuid4().hex,
+                                                                            "keys": keys}))
+        return {"IPFS Hash": added, "index": receipt.index, "id": receipt.transaction["id"]}
+
+    def grant(self, record: Any, member: Any, expires: Any = "", purpose: Any = "",
+              versions: Any = ALL_VERSIONS) -> Receipt:
+        """A grant of one record (a CID), or of every version of one (a name), to a member: each record's key
+        wrapped for the member, bound to the record and the member; signed by this node, the records' owner."""
+        state = self._signed_state()
+        grantee = state.members.get(member) if isinstance(member, str) else None
+        if grantee is None:
+            raise BadInput(f"'member' must be the node id of a member of this network (GET /members)")
+        me = self.identity.node_id
+        entries = []
+        for tx in self._own_records(record, versions):
+            secret = unwrap_key(tx[KEYS][me], self.identity.exchange_private_key, cid=tx["ipfs_hash"], grantee=me)
+            entries.append({"cid": tx["ipfs_hash"], "key": wrap_key(
+                secret, grantee.identity.exchange_public_key, cid=tx["ipfs_hash"], grantee=grantee.node_id).to_json()})
+        return self.network.add_transaction(self.rules.sign_transaction(
+            {"type": GRANT, "id": uuid.uuid4().hex, "grantee": grantee.node_id, "records": entries,
+             "expires": expires or "", "purpose": purpose or ""}))
+
+    def revoke(self, grant_id: Any) -> Receipt:
+        """A revocation of one of this node's grants: from the block that holds it, no honest node opens a record
+        under that grant. It cannot take back a copy already decrypted."""
+        self._signed_state()
+        if not isinstance(grant_id, str) or not TRANSACTION_ID.fullmatch(grant_id):
+            raise BadInput("'grant' must be a grant's id (GET /grants)")
+        return self.network.add_transaction(self.rules.sign_transaction(
+            {"type": REVOKE, "id": uuid.uuid4().hex, "grant": grant_id}))
+
+    def grants(self) -> dict[str, Any]:
+        """The grants this node made, and those made to it, each with its status now."""
+        self._signed_state()
+        index, me = self.rules.index, self.identity.node_id
+        made = [self._grant_status(grant_id) for grant_id in reversed(index.granted_by.get(me, []))]
+        received = [self._grant_status(grant_id) for grant_id in reversed(
+            sorted({gid for (grantee, _), ids in index.grants_for.items() if grantee == me for gid in ids},
+                   key=lambda gid: index.grants[gid][0]))]
+        return {"made": made, "received": received}
+
+    def _grant_status(self, grant_id: str) -> dict[str, Any]:
+        block, tx = self.rules.index.grants[grant_id]
+        revoked = self.rules.index.revoked.get(grant_id)
+        status = "revoked" if revoked is not None else \
+            "expired" if tx["expires"] and tx["expires"] < _now() else "active"
+        return {"grant": grant_id, "block": block, "owner": tx["signer"], "grantee": tx["grantee"],
+                "records": [entry["cid"] for entry in tx["records"]], "expires": tx["expires"],
+                "purpose": tx["purpose"], "status": status, "revoked_in_block": revoked}
+
+    def open_record(self, record: Any, purpose: Any = "", emergency: Any = False, reason: Any = "") -> dict[str, Any]:
+        """Fetch a record from IPFS and decrypt it into the downloads folder with the key a valid grant wraps for
+        this node (or, for its owner, its own; for an emergency member with a stated reason, its break-glass
+        copy). No password in any request. Every open and every refusal is recorded on the chain."""
+        state = self._signed_state()
+        if not isinstance(emergency, bool):
+            raise BadInput("'emergency' must be true or false")
+        for field, value in (("purpose", purpose), ("reason", reason)):
+            if not isinstance(value, str) or len(value) > MAX_TEXT_LENGTH:
+                raise BadInput(f"'{field}' must be text of at most {MAX_TEXT_LENGTH} characters")
+        tx = self._record(record)
+        cid, me = tx["ipfs_hash"], self.identity.node_id
+        if me not in state.members:
+            raise Forbidden(f"this node ({self.identity.short_id}) was removed from the network: it opens nothing")
+        grant_id, wrapped, key_purpose = "", None, RECORD_KEY_PURPOSE
+        if emergency:
+            if not reason.strip():
+                self._refuse(cid, "", purpose, True, "a break-glass open needs a stated reason")
+            if me not in tx.get(KEYS, {}) or tx["signer"] == me:
+                self._refuse(cid, "", purpose, True, f"this node is not one of the network's emergency members for "
+                                                     f"record {cid}")
+            wrapped, key_purpose = tx[KEYS][me], BREAK_GLASS_PURPOSE
+        elif tx["signer"] == me and me in tx.get(KEYS, {}):
+            wrapped = tx[KEYS][me]
+        else:
+            grant_id, wrapped = self._valid_grant(cid, purpose)
+        secret = unwrap_key(wrapped, self.identity.exchange_private_key, cid=cid, grantee=me, purpose=key_purpose)
+        path, size = self._fetch_and_decrypt(tx, record_key_text(secret))
+        self._log_access(cid, OPENED, grant_id, reason if emergency else "", purpose, emergency)
+        return {"message": "The record is decrypted into your downloads folder", "path": path, "size": size,
+                "record": cid, "grant": grant_id or None, "emergency": emergency}
+
+    def _valid_grant(self, cid: str, purpose: str) -> tuple[str, Any]:
+        """(grant id, the key it wraps for this node) of the newest valid grant of `cid` to this node; else the
+        refusal is recorded and Forbidden says why."""
+        index, me = self.rules.index, self.identity.node_id
+        refusals = []  # (grant, why it does not hold), newest first: the newest one's is the answer
+        for grant_id in reversed(index.grants_for.get((me, cid), [])):
+            _, grant = index.grants[grant_id]
+            if grant_id in index.revoked:
+                refusals.append((grant_id, f"grant {grant_id} was revoked in block {index.revoked[grant_id]}"))
+            elif grant["expires"] and grant["expires"] < _now():
+                refusals.append((grant_id, f"grant {grant_id} expired at {grant['expires']}"))
+            else:
+                return grant_id, next(entry["key"] for entry in grant["records"] if entry["cid"] == cid)
+        grant_id, why = refusals[0] if refusals else ("", f"no grant of record {cid} to this node "
+                                                          f"({self.identity.short_id})")
+        self._refuse(cid, grant_id, purpose, False, why)
+        raise AssertionError("unreachable: _refuse raises")
+
+    def _refuse(self, cid: str, grant_id: str, purpose: str, emergency: bool, why: str) -> None:
+        self._log_access(cid, REFUSED, grant_id, why, purpose, emergency)
+        raise Forbidden(why)
+
+    def _log_access(self, cid: str, outcome: str, grant_id: str, reason: str, purpose: str, emergency: bool) -> None:
+        """An access transaction, signed by this node: who opened (or was refused) which record, when, why."""
+        tx = {"type": ACCESS, "id": uuid.uuid4().hex, "record": cid, "outcome": outcome, "grant": grant_id,
+              "reason": reason[:MAX_TEXT_LENGTH], "purpose": purpose, "emergency": emergency, "at": _now()}
+        try:
+            self.network.add_transaction(self.rules.sign_transaction(tx))
+        except NodeError as exc:  # the open or refusal stands; the log line says the record of it failed
+            log.warning("access to %s (%s) could not be recorded: %s", cid, outcome, exc)
+
+    def _fetch_and_decrypt(self, tx: Transaction, password: str) -> tuple[str, int]:
+        name = tx.get("file_name") or f"{tx['EHR_name']}{crypto.AES_SUFFIX}"
+        plain = safe_file_name(name[:-len(crypto.AES_SUFFIX)] if name.lower().endswith(crypto.AES_SUFFIX) else name,
+                               tx["ipfs_hash"])
+        fetched = self.uploads / f".open-{uuid.uuid4().hex}{crypto.AES_SUFFIX}"
+        try:
+            _, chunks = self.ipfs.open(tx["ipfs_hash"])
+            with written_atomically(fetched, durable=False) as out:
+                for chunk in chunks:
+                    out.write(chunk)
+            target = self.downloads / plain
+            size = crypto.decrypt_file(fetched, target, password, overwrite=True)
+        finally:
+            fetched.unlink(missing_ok=True)
+        return self._relative(target), size
+
+    def _record(self, record: Any) -> Transaction:
+        """A signed record by its CID, or the newest by its name."""
+        if not isinstance(record, str) or not record.strip():
+            raise BadInput("'record' must be a record's CID or its name")
+        found = self.rules.index.records.get(record.strip())
+        if found:
+            return found[1]
+        matches = [tx for _, tx in self.blockchain.find_records(record) if tx["ipfs_hash"] in self.rules.index.records]
+        if not matches:
+            raise NotFound(f"no record {record!r} on the chain (a new one counts once it is mined)")
+        return matches[0]
+
+    def _own_records(self, record: Any, versions: Any) -> list[Transaction]:
+        """This node's records by a CID, or by a name: every version, or the newest (versions)."""
+        if versions not in (ALL_VERSIONS, NEWEST_VERSION):
+            raise BadInput(f"'versions' must be {ALL_VERSIONS!r} or {NEWEST_VERSION!r}")
+        if not isinstance(record, str) or not record.strip():
+            raise BadInput("'record' must be a record's CID or its name")
+        me, index = self.identity.node_id, self.rules.index
+        found = index.records.get(record.strip())
+        candidates = [found[1]] if found else [tx for _, tx in self.blockchain.find_records(record)]
+        own = [tx for tx in candidates if tx.get("signer") == me and me in tx.get(KEYS, {})]
+        if not own:
+            owner = candidates[0].get("signer") if candidates else None
+            if owner and owner != me:
+                raise Forbidden(f"record {record!r} is {short_id(owner)}'s: only its owner may grant it")
+            raise NotFound(f"no record {record!r} of this node's on the chain (one counts once it is mined)")
+        return own if versions == ALL_VERSIONS else own[:1]
+
+    def audit(self, owner: Any = None, user_id: Any = None, record: Any = None, member: Any = None,
+              since: Any = None, until: Any = None, limit: Any = None) -> dict[str, Any]:
+        """Who accessed the records of `owner` (this node by default): every open and refusal on the chain,
+        emergency accesses first, then the others, newest first; filtered by user_id, record, member or time."""
+        self._signed_state()
+        owner = owner or self.identity.node_id
+        limit = AUDIT_LIMIT if limit in (None, "") else limit
+        if isinstance(limit, str) and limit.isdigit():
+            limit = int(limit)
+        if type(limit) is not int or not 0 < limit <= MAX_AUDIT_LIMIT:
+            raise BadInput(f"'limit' must be a whole number from 1 to {MAX_AUDIT_LIMIT}")
+        for name, value in (("owner", owner), ("member", member)):
+            if value is not None and (not isinstance(value, str) or not NODE_ID.fullmatch(value)):
+                raise BadInput(f"'{name}' must be a member's node id")
+        for name, value in (("since", since), ("until", until)):
+            if value is not None and (not isinstance(value, str) or not TIMESTAMP.fullmatch(value)):
+                raise BadInput(f"'{name}' must be a time like 2027-01-31 23:59:59.000000")
+        index = self.rules.index
+        cids = None
+        if record is not None:
+            cids = {tx["ipfs_hash"] for tx in [self._record(record)]} if record in index.records else \
+                {tx["ipfs_hash"] for _, tx in self.blockchain.find_records(str(record))}
+        base = index.accesses_by.get((owner, member), []) if member else \
+            [entry for cid in cids for entry in index.accesses_of.get(cid, [])] if cids is not None else \
+            index.accesses.get(owner, [])
+        if cids is not None and member is None:
+            base = sorted(base, key=lambda entry: entry[0])
+
+        def keep(entry: tuple[int, Transaction]) -> bool:
+            _, tx = entry
+            record_tx = index.records[tx["record"]][1]
+            return (record_tx["signer"] == owner and (cids is None or tx["record"] in cids)
+                    and (member is None or tx["signer"] == member)
+                    and (user_id is None or record_tx["user_id"] == user_id)
+                    and (since is None or tx["at"] >= since) and (until is None or tx["at"] <= until))
+
+        emergency = [self._describe_access(entry) for entry in _newest(index.emergencies.get(owner, []), keep, limit)]
+        others = [self._describe_access(entry) for entry in
+                  _newest((entry for entry in base if not entry[1]["emergency"]), keep, limit - len(emergency))]
+        return {"owner": owner, "accesses": emergency + others, "count": len(emergency) + len(others)}
+
+    def _describe_access(self, entry: tuple[int, Transaction]) -> dict[str, Any]:
+        block, tx = entry
+        record_tx = self.rules.index.records[tx["record"]][1]
+        return {"block": block, "at": tx["at"], "member": tx["signer"], "member_short_id": short_id(tx["signer"]),
+                "record": tx["record"], "EHR_name": record_tx["EHR_name"], "user_id": record_tx["user_id"],
+                "outcome": tx["outcome"], "grant": tx["grant"] or None, "reason": tx["reason"],
+                "purpose": tx["purpose"], "emergency": tx["emergency"]}
+
     # -- IPFS ----------------------------------------------------------------
 
     def create_hash(self, file_path: Any) -> dict[str, str]:
@@ -574,3 +816,22 @@ def _checked_cid(cid: Any) -> str:
     if not is_cid(cid.strip()):
         raise BadInput("'ipfs_hash' is not an IPFS CID (expected Qm... or b...)")
     return cid.strip()
+
+
+def _now() -> str:
+    """The time as the chain writes it (str(datetime.now())): comparable as text with grants' expiry."""
+    return datetime.now().strftime(TIMESTAMP_FORMAT)
+
+
+def _newest(entries: Iterable[tuple[int, Transaction]], keep: Callable[[tuple[int, Transaction]], bool],
+            limit: int) -> list[tuple[int, Transaction]]:
+    """Up to `limit` of `entries` (oldest first) that `keep` accepts, newest first."""
+    found: list[tuple[int, Transaction]] = []
+    if limit <= 0:
+        return found
+    for entry in reversed(list(entries) if not isinstance(entries, list) else entries):
+        if keep(entry):
+            found.append(entry)
+            if len(found) == limit:
+                break
+    return found

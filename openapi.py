@@ -72,6 +72,21 @@ SCHEMAS["Member"] = {"type": "object", "properties": {
     "role": {"type": "string", "enum": ["patient", "healthcare_authority", "healthcare_provider"]},
     "signing_public_key": {"type": "string"}, "exchange_public_key": {"type": "string"},
     "url": {"type": ["string", "null"]}}, "required": ["node_id", "role", "signing_public_key", "exchange_public_key"]}
+SCHEMAS["Grant"] = _object({
+    "grant": {"type": "string"}, "block": {"type": "integer"}, "owner": {"type": "string"},
+    "grantee": {"type": "string"}, "records": {"type": "array", "items": {"type": "string"}},
+    "expires": {"type": "string"}, "purpose": {"type": "string"},
+    "status": {"type": "string", "enum": ["active", "revoked", "expired"]},
+    "revoked_in_block": {"type": ["integer", "null"]}},
+    ["grant", "block", "owner", "grantee", "records", "expires", "purpose", "status", "revoked_in_block"])
+SCHEMAS["Access"] = _object({
+    "block": {"type": "integer"}, "at": {"type": "string"}, "member": {"type": "string"},
+    "member_short_id": {"type": "string"}, "record": {"type": "string"}, "EHR_name": {"type": "string"},
+    "user_id": {"type": "string"}, "outcome": {"type": "string", "enum": ["opened", "refused"]},
+    "grant": {"type": ["string", "null"]}, "reason": {"type": "string"}, "purpose": {"type": "string"},
+    "emergency": {"type": "boolean"}},
+    ["block", "at", "member", "member_short_id", "record", "EHR_name", "user_id", "outcome", "grant", "reason",
+     "purpose", "emergency"])
 SCHEMAS["FileVersion"] = _object({**SCHEMAS["FileInfo"]["properties"], "block_index": {"type": "integer"},
                                   "EHR_name": {"type": "string"}, "user_id": {"type": "string"}},
                                  ["Hash", "Name", "Size", "block_index", "EHR_name", "user_id"])
@@ -244,6 +259,57 @@ PATHS: dict[str, Any] = {
         {201: _membership_receipt, 200: _membership_receipt}, 404, 503,
         body=_json_body(_object({"node_id": {"type": "string", "pattern": "^[a-z2-7]{52}$"}}, ["node_id"])),
         tag="membership")},
+    "/publish_record": {"post": _operation(
+        "Signed network, patient: encrypt a file of the data directory with a fresh random key, add it to IPFS "
+        "and record it in one call; the key is wrapped for this node and the network's emergency members only",
+        {201: _object({"message": _message, "IPFS Hash": _ref("FileInfo"), "index": {"type": "integer"},
+                       "id": {"type": "string"}}, ["message", "IPFS Hash", "index", "id"])}, 404, 502, 503, 504,
+        body=_json_body(_object({"file_path": _path_fields["file_path"], "EHR_name": _text("the record's name"),
+                                 "user_id": _text("the paper's label for whom the record is about")},
+                                ["file_path", "EHR_name", "user_id"]),
+                        {"file_path": "MRI.pdf", "EHR_name": "MRI", "user_id": "xxxxx"}), tag="consent")},
+    "/grant": {"post": _operation(
+        "Signed network, the record's owner: grant a member one record (a CID) or every version of one (a name), "
+        "with an optional expiry and purpose; the key travels wrapped for that member (HPKE)",
+        {201: _membership_receipt, 200: _membership_receipt}, 404, 503,
+        body=_json_body(_object({
+            "record": _text("the record's CID or name"), "member": {"type": "string", "pattern": "^[a-z2-7]{52}$"},
+            "expires": {"type": "string", "description": "\"\" (never) or a time like 2027-01-31 23:59:59.000000"},
+            "purpose": {"type": "string", "maxLength": MAX_TEXT_LENGTH},
+            "versions": {"type": "string", "enum": ["all", "newest"]}}, ["record", "member"])), tag="consent")},
+    "/revoke": {"post": _operation(
+        "Signed network, the grant's owner: revoke a grant; from the block that holds it, no honest node opens a "
+        "record under it (a copy already decrypted cannot be taken back)",
+        {201: _membership_receipt, 200: _membership_receipt}, 404, 503,
+        body=_json_body(_object({"grant": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}, ["grant"])),
+        tag="consent")},
+    "/grants": {"get": _operation(
+        "Signed network: the grants this node made and those made to it, with their status",
+        {200: _object({"made": {"type": "array", "items": _ref("Grant")},
+                       "received": {"type": "array", "items": _ref("Grant")}}, ["made", "received"])}, 404,
+        tag="consent")},
+    "/open_record": {"post": _operation(
+        "Signed network: fetch a record and decrypt it into the downloads folder with the key a valid grant wraps "
+        "for this node (no password); every open and refusal is recorded on the chain; an emergency member may "
+        "break the glass with a stated reason",
+        {200: _object({"message": _message, "path": _message, "size": {"type": "integer"}, "record": _message,
+                       "grant": {"type": ["string", "null"]}, "emergency": {"type": "boolean"}},
+                      ["message", "path", "size", "record", "grant", "emergency"])}, 404, 502, 503, 504,
+        body=_json_body(_object({"record": _text("the record's CID or name"),
+                                 "purpose": {"type": "string", "maxLength": MAX_TEXT_LENGTH},
+                                 "emergency": {"type": "boolean"},
+                                 "reason": {"type": "string", "maxLength": MAX_TEXT_LENGTH}}, ["record"])),
+        tag="consent")},
+    "/audit": {"get": _operation(
+        "Signed network: who accessed the records of a member (this node by default): every open and refusal, "
+        "emergency accesses first, then newest first",
+        {200: _object({"owner": _message, "count": {"type": "integer"},
+                       "accesses": {"type": "array", "items": _ref("Access")}}, ["owner", "count", "accesses"])},
+        404, parameters=[{"name": name, "in": "query", "required": False, "schema": schema} for name, schema in (
+            ("owner", {"type": "string", "pattern": "^[a-z2-7]{52}$"}), ("user_id", {"type": "string"}),
+            ("record", {"type": "string"}), ("member", {"type": "string", "pattern": "^[a-z2-7]{52}$"}),
+            ("since", {"type": "string"}), ("until", {"type": "string"}),
+            ("limit", {"type": "string", "pattern": "^[0-9]{1,4}$"}))], tag="consent")},
     "/health": {"get": _operation(
         "Port, role, chain length, pending count, peers; on a node with an API key, only status and role "
         "without it", {200: _object(

@@ -16,6 +16,7 @@ class Action(str, Enum):
     RECORD = "record"      # add a file to IPFS, encrypt one, record a transaction: the paper's patient
     MINE = "mine"          # mine the pending transactions into a block
     ADMIT = "admit"        # admit a member to a signed network, or remove one: a healthcare authority
+    GRANT = "grant"        # grant or revoke access to one's own records: a patient
     CONNECT = "connect"    # link this node to peers
     GOSSIP = "gossip"      # node to node: a peer's transaction or block (its content is checked, not its route)
     DESCRIBE = "describe"  # the API's own description
@@ -32,7 +33,7 @@ ROLE_ALIASES = {"healthcare": HEALTHCARE_AUTHORITY, "authority": HEALTHCARE_AUTH
 EVERY_ROLE = frozenset({Action.GOSSIP, Action.DESCRIBE, Action.HEALTH})
 CARE_ROLE = EVERY_ROLE | {Action.READ, Action.FETCH, Action.MINE, Action.CONNECT}
 ROLE_ACTIONS: dict[str, frozenset[Action]] = {
-    PATIENT: CARE_ROLE | {Action.RECORD},
+    PATIENT: CARE_ROLE | {Action.RECORD, Action.GRANT},
     HEALTHCARE_AUTHORITY: CARE_ROLE | {Action.ADMIT},
     HEALTHCARE_PROVIDER: CARE_ROLE,
 }

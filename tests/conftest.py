@@ -130,15 +130,17 @@ def spawn_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
 
 @pytest.fixture
 def signed_network(spawn_node: Callable[..., NodeProcess], tmp_path: Path) -> Callable[..., list[NodeProcess]]:
-    """signed_network(roles=(...), **settings) starts one node per role as the members of a signed network:
-    each node's identity made first, one members file built from them and given to all."""
+    """signed_network(roles=(...), network={members file settings}, **settings) starts one node per role as the
+    members of a signed network: each node's identity made first, one members file built from them and given to
+    all."""
     def start(roles: tuple[str, ...] = ("patient", "healthcare_authority", "healthcare_provider"),
-              **settings: Any) -> list[NodeProcess]:
+              network: dict[str, Any] | None = None, **settings: Any) -> list[NodeProcess]:
         ports = [free_port() for _ in roles]
         data_dirs = [tmp_path / f"member-{port}" for port in ports]
         members = write_members_file(tmp_path / f"members-{ports[0]}.json", "emr-test",
                                      [describe_node(role, port, data_dir)
-                                      for role, port, data_dir in zip(roles, ports, data_dirs)])
+                                      for role, port, data_dir in zip(roles, ports, data_dirs)],
+                                     {"security": "signed", **(network or {})})
         return [spawn_node(role, port=port, data_dir=data_dir, security="signed", members_file=members, **settings)
                 for role, port, data_dir in zip(roles, ports, data_dirs)]
     return start

@@ -27,7 +27,7 @@ NOT_FOR_USERS = {"/receive_block", "/receive_transaction", "/receive_transaction
 # The workflow folders in run order, by the step of the paper's Fig. 3 each begins with.
 WORKFLOW_STEPS = ("0.", "3.", "4.", "5.", "6.", "7.", "8.")
 PAPER_EXTRAS = ["Checks", "Errors"]
-SIGNED_FOLDERS = ["Signed network"]  # run against nodes of a signed network (--security signed)
+SIGNED_FOLDERS = ["Signed network", "Consent"]  # run against nodes of a signed network (--security signed)
 PAPER_FOLDERS = [item["name"] for item in json.loads(COLLECTION.read_text())["item"]
                  if item["name"] not in SIGNED_FOLDERS]
 NEWMAN_SECONDS = 120
@@ -170,12 +170,14 @@ def test_newman_runs_the_collection_twice_against_the_three_roles(spawn_node, ku
     assert decrypted.read_bytes() == (data_dirs["patient"] / "MRI.pdf").read_bytes()
 
 
-def test_newman_runs_the_signed_folders_twice_against_a_signed_network(signed_network, kubo: Kubo,
+def test_newman_runs_the_signed_and_consent_folders_twice_against_a_signed_network(signed_network, kubo: Kubo,
                                                                         tmp_path: Path) -> None:
     if not NEWMAN.is_file():
         pytest.fail(f"newman is not installed at {NEWMAN.relative_to(ROOT)}: run `make newman`")
     nodes = dict(zip(ROLES, signed_network(tuple(ROLES), ipfs_api=kubo.api_url)))
     nodes["patient"].post("/connect_node", {"nodes": [nodes[role].url for role in ROLES if role != "patient"]})
+    patient_data = Path(nodes["patient"].args[nodes["patient"].args.index("--data-dir") + 1])
+    write_sample_record(patient_data / "MRI.pdf")
     urls = {key: nodes[role].url for role, key in ROLES.items()}
     for run in ("first", "second"):
         check_run(run_newman(urls, tmp_path / f"{run}.json", SIGNED_FOLDERS), tmp_path / f"{run}.json",
