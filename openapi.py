@@ -78,7 +78,8 @@ SCHEMAS["PinStatus"] = _object({
     "state": {"type": "string", "enum": _pin_states}, "reason": {"type": "string"}, "attempts": _count,
     "block_index": {"type": "integer"}, "block_timestamp": {"type": "string"},
     "seen_at": {"type": "string"}, "pinned_at": {"type": ["string", "null"]},
-    "lag_seconds": {"type": ["number", "null"]}, "retry_in_seconds": {"type": ["number", "null"]}},
+    "lag_ms": {"type": ["integer", "null"], "description": "from the block joining this chain to the pin"},
+    "retry_in_ms": {"type": ["integer", "null"], "description": "until the next attempt, for a failed pin"}},
     ["state", "reason", "attempts", "block_index", "seen_at", "pinned_at"])
 SCHEMAS["RecordStatus"] = _object({
     "cid": {"type": "string"}, "on_chain": {"type": "boolean"}, "file_name": {"type": ["string", "null"]},

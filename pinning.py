@@ -65,8 +65,8 @@ class PinRecord:
         return {"state": self.state, "reason": self.reason, "attempts": self.attempts,
                 "block_index": self.block_index, "block_timestamp": self.block_timestamp,
                 "seen_at": _iso(self.seen_at), "pinned_at": _iso(self.pinned_at),
-                "lag_seconds": None if self.pinned_at is None else round(self.pinned_at - self.seen_at, 3),
-                "retry_in_seconds": None if retry is None else round(retry, 1)}
+                "lag_ms": None if self.pinned_at is None else round((self.pinned_at - self.seen_at) * 1000),
+                "retry_in_ms": None if retry is None else round(retry * 1000)}
 
 
 def _iso(stamp: float | None) -> str | None:

@@ -16,6 +16,9 @@ PROVIDER_DATA=${PROVIDER_DATA:-data/node-5004}
 RECORD=${RECORD:-MRI.pdf}
 PASSWORD=${EMR_PASSWORD:-$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')}
 SYNC_SECONDS=${SYNC_SECONDS:-15}
+# Nodes started with --api-key (EMR_API_KEY) need it on every request: API_KEY=... (sent as X-API-Key, never printed)
+AUTH=()
+[ -n "${API_KEY:-}" ] && AUTH=(-H "X-API-Key: $API_KEY")
 
 step=0
 if [ -t 1 ]; then BOLD=$'\033[1m' RED=$'\033[31m' GREEN=$'\033[32m' PLAIN=$'\033[0m'; else BOLD= RED= GREEN= PLAIN=; fi
@@ -29,9 +32,9 @@ call() {
   [ -n "$data" ] && printf '%s\n' "$data" | sed 's/"password": *"[^"]*"/"password": "(shared secret)"/; s/^/  /'
   out=$(mktemp)
   if [ -n "$data" ]; then
-    status=$(curl -sS -o "$out" -w '%{http_code}' -X "$method" -H 'Content-Type: application/json' --data "$data" "$url")
+    status=$(curl -sS "${AUTH[@]}" -o "$out" -w '%{http_code}' -X "$method" -H 'Content-Type: application/json' --data "$data" "$url")
   else
-    status=$(curl -sS -o "$out" -w '%{http_code}' -X "$method" "$url")
+    status=$(curl -sS "${AUTH[@]}" -o "$out" -w '%{http_code}' -X "$method" "$url")
   fi
   BODY=$(cat "$out"); rm -f "$out"
   printf '< %s\n' "$status"
@@ -63,7 +66,7 @@ BLOCK=$(field '["index"]')
 
 heading "Step 6: Healthcare B (the provider's node) finds the record on its copy of the chain (Fig. 4d, 4e)"
 for _ in $(seq $((SYNC_SECONDS * 10))); do
-  length=$(curl -sS "$PROVIDER/get_chain" | python3 -c 'import json, sys; print(json.load(sys.stdin)["length"])')
+  length=$(curl -sS "${AUTH[@]}" "$PROVIDER/get_chain" | python3 -c 'import json, sys; print(json.load(sys.stdin)["length"])')
   [ "$length" -ge "$BLOCK" ] && break
   sleep 0.1
 done
