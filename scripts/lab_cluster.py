@@ -121,7 +121,8 @@ class LabCluster:
     # -- requests, from inside the lab ------------------------------------------------------------
 
     def request(self, host: int, method: str, path: str, body: Any = None, *, via: int | None = None,
-                expect: Iterable[int] = (200, 201), attempts: int = ATTEMPTS, timeout: float = 30.0) -> Reply:
+                expect: Iterable[int] = (200, 201), attempts: int = ATTEMPTS, timeout: float = 30.0,
+                headers: dict[str, str] | None = None) -> Reply:
         """A request to the node of `host`, made from host `via` (default the same host). A request that got
         no answer at all (a connection reset or refused on a bad link) is tried again: every call used here is
         safe to repeat (transactions carry their id)."""
@@ -129,9 +130,10 @@ class LabCluster:
         reply = Reply(None)
         for attempt in range(attempts):
             if method == "GET":
-                reply = node.get(path, from_host=via or host, timeout=timeout, expect=expect)
+                reply = node.get(path, from_host=via or host, timeout=timeout, expect=expect, headers=headers or {})
             else:
-                reply = node.post(path, body, from_host=via or host, timeout=timeout, expect=expect)
+                reply = node.post(path, body, from_host=via or host, timeout=timeout, expect=expect,
+                                  headers=headers or {})
             if reply.status is not None:
                 break
             time.sleep(min(0.2 * 2 ** attempt, 2.0))
