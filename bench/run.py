@@ -242,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     import report
     report.write(results, args.out)
     save(results, args.out)
-    met = sum(goal["met"] for goal in results["goals"])
-    log(f"done in {results['wall_seconds'] / 60:.1f} min: {met}/{len(results['goals'])} goals met; "
+    met = sum(1 for goal in results["goals"] if goal["met"])
+    judged = sum(1 for goal in results["goals"] if goal["met"] is not None)  # the others are reported only
+    log(f"done in {results['wall_seconds'] / 60:.1f} min: {met}/{judged} goals met; "
         f"{len(results['errors'])} item(s) failed; results in {args.out}")
     print((args.out / "results.md").read_text())
     return 1 if results["errors"] else 0
