@@ -50,7 +50,7 @@ test-fast: venv
 demo: venv kubo
 	scripts/demo.sh
 
-lab: venv kubo toxiproxy
+lab: venv kubo
 	$(PY) scripts/lab_demo.py $(LAB_ARGS)
 
 up: venv kubo
