@@ -8,12 +8,13 @@ NEWMAN_VERSION := 6.2.2
 NEWMAN := .tools/npm/node_modules/.bin/newman
 PYTEST_ARGS ?=
 
-.PHONY: help install venv kubo newman test test-fast demo up down bench kubo-start kubo-stop kubo-status clean
+.PHONY: help install venv kubo toxiproxy newman test test-fast demo lab up down bench kubo-start kubo-stop kubo-status clean
 
 help:
 	@echo "make demo     run the paper's workflow across three nodes (installs what is missing)"
 	@echo "make test     run the whole test suite"
 	@echo "make test-fast  the in-process tests only (no Kubo, no node processes): seconds, for the edit-run loop"
+	@echo "make lab      the workflow across hosts: network namespaces, a node and a Kubo on each (needs root)"
 	@echo "make up       start Kubo and the three role nodes for Postman or curl; Ctrl-C stops them"
 	@echo "make down     stop nodes and Kubo daemons left running"
 	@echo "make bench    measure, and write bench/results/"
@@ -31,6 +32,9 @@ $(VENV)/.installed: requirements.txt
 kubo:
 	scripts/kubo.sh install
 
+toxiproxy:
+	scripts/toxiproxy.sh install
+
 newman: $(NEWMAN)
 
 $(NEWMAN):
@@ -45,6 +49,9 @@ test-fast: venv
 
 demo: venv kubo
 	scripts/demo.sh
+
+lab: venv kubo
+	$(PY) scripts/lab_demo.py $(LAB_ARGS)
 
 up: venv kubo
 	$(PY) scripts/cluster.py up --foreground

@@ -249,6 +249,12 @@ def download_file() -> Any:
                     headers=headers, direct_passthrough=True)
 
 
+@api.get("/records/<cid>")
+@serves(Action.READ)
+def record_status(cid: str) -> Any:
+    return jsonify(current_node().record_status(cid, request.args.get("peers", "true")))
+
+
 def crypt_request(operation: Callable[..., tuple[str, int]], message: str) -> Any:
     """encrypt_file and decrypt_file take the same fields and answer alike."""
     body = json_body(*CRYPT_FIELDS)

@@ -517,10 +517,10 @@ class Blockchain:
             self.journal.append_block(block)
         self._chain.append(block)
         self._states.append(state)
-        self.on_block(block)
         self._index_block(block)
         for tx in block["transactions"]:
             self._pending.pop(tx["id"], None)
+        self.on_block(block)
 
     def _index_block(self, block: Block) -> None:
         if self.rules:

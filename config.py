@@ -101,6 +101,15 @@ class Config:
                                       "localhost and ::1 always); '*' turns the check off")
     allowed_origins: str = _setting("", "comma-separated web origins (scheme://host[:port]) whose pages may call "
                                         "this node (CORS); any other page's request is refused 403")
+    # Records kept by the chain (pinning.py): copies of the records every block names, in this node's own Kubo.
+    pin_records: str = _setting("all", "which records named on the chain this node pins in its own IPFS daemon, "
+                                        "fetching them from the private IPFS network in the background: 'all', "
+                                        "'openable' (those this node may open) or 'none'",
+                                choices=("all", "openable", "none"))
+    pin_timeout: float = _setting(60.0, "seconds one pin may take to fetch a record before it is tried again later")
+    pin_workers: int = _setting(2, "records fetched and pinned at once")
+    pin_retry_max: float = _setting(60.0, "longest wait, in seconds, between attempts to pin a record that failed "
+                                          "(the wait doubles from 1 s up to this)")
     log_level: str = _setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self) -> None:
@@ -124,6 +133,9 @@ class Config:
                 return f"{setting_names(name)} must be more than 0 seconds"
         if self.connection_limit < 1:
             return f"{setting_names('connection_limit')} must be at least 1"
+        if not self.pin_timeout > 0 or self.pin_workers < 1 or not self.pin_retry_max > 0:
+            return (f"{setting_names('pin_timeout')} and {setting_names('pin_retry_max')} must be more than 0 "
+                    f"seconds, {setting_names('pin_workers')} at least 1")
         if self.max_spool_bytes < 0:
             return f"{setting_names('max_spool_bytes')} must not be negative"
         for origin in self.origin_list:

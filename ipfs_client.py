@@ -180,3 +180,55 @@ class IpfsClient:
             response.close()
         if received != size:
             raise IpfsError(f"IPFS {what} ended after {received} of {size} bytes")
+
+    # -- pins and providers (pinning.py) ---------------------------------------------------
+
+    def pin_add(self, cid: str, timeout: float) -> None:
+        """Pin a CID recursively, fetching what this daemon lacks from its swarm, within `timeout` seconds.
+
+        IpfsUnknownCid if no reachable IPFS node gave the whole DAG in time. Keep `timeout` below the
+        node's ipfs_timeout: Kubo says nothing until the pin is done.
+        """
+        try:
+            self._json(f"pin of {cid}", "pin/add", params={"arg": cid, "recursive": "true",
+                                                           "timeout": f"{timeout:g}s"})
+        except IpfsUnknownCid:
+            raise IpfsUnknownCid(f"pin of {cid}: no IPFS node reachable from {self.api_url} gave all of it "
+                                 f"within {timeout:g}s") from None
+
+    def pinned(self) -> set[str]:
+        """The CIDs this daemon holds under a recursive pin (what `ipfs add` and pin_add make)."""
+        response = self._post("pin list", "pin/ls", params={"type": "recursive", "stream": "true"})
+        found = set()
+        try:
+            for line in response.text.splitlines():
+                if line.strip():
+                    found.add(json.loads(line)["Cid"])
+        except (ValueError, KeyError, TypeError):
+            raise IpfsError(f"IPFS pin list: the daemon at {self.api_url} answered something unexpected") from None
+        return found
+
+    def find_providers(self, cid: str, limit: int = 20) -> list[str]:
+        """Peer IDs the daemon's content routing names as providers of a CID, within the lookup timeout.
+
+        With Routing.Type "none" (every repo this project makes) the answer is always empty: an empty list
+        means "routing does not know", not "nobody has it".
+        """
+        response = self._post(f"provider lookup of {cid}", "routing/findprovs",
+                              params={"arg": cid, "num-providers": str(limit),
+                                      "timeout": f"{self.lookup_timeout:g}s"})
+        providers: list[str] = []
+        for line in response.text.splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            for response_peer in (event.get("Responses") or []) if isinstance(event, dict) else []:
+                if isinstance(response_peer, dict) and response_peer.get("ID") not in providers:
+                    providers.append(response_peer["ID"])
+        return providers
+
+    def swarm_peers(self) -> list[str]:
+        """Peer IDs this daemon is connected to now."""
+        peers = self._json("swarm peers", "swarm/peers").get("Peers") or []
+        return [peer["Peer"] for peer in peers if isinstance(peer, dict) and "Peer" in peer]

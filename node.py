@@ -15,6 +15,7 @@ import re
 import tempfile
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from datetime import datetime
@@ -35,6 +36,7 @@ from members import Member, Members, load_members
 from ipfs_client import IpfsClient
 from mining import Miner
 from network import NODE_HEADER, Network, peer_netloc
+from pinning import Pinner
 from policy import Action, may
 from storage import MAX_NAME_BYTES, confine_path, safe_file_name, written_atomically
 from store import LEGACY_STATE_FILE, STORE_FILE, Store, legacy_state_file, migrate_legacy_state
@@ -149,6 +151,9 @@ class Node:
         self._sizes: dict[str, str] = {}
         self._document: tuple[tuple[int, str] | None, bytes] = (None, b"")
         self._document_lock = threading.Lock()
+        self.pinner = Pinner(self.ipfs, config.pin_records, self.may_open, timeout=config.pin_timeout,
+                             workers=config.pin_workers, retry_max=config.pin_retry_max)
+        self.blockchain.on_block = self._on_block
         self.store: Store | None = None
         if config.persist:
             self._restore()
@@ -307,16 +312,93 @@ class Node:
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "port": self.config.port, "role": self.config.role_name,
                 "length": len(self.blockchain), "pending": self.blockchain.pending_count,
-                "peers": self.network.peers, "ipfs_api": self.config.ipfs_api}
+                "peers": self.network.peers, "ipfs_api": self.config.ipfs_api, "records": self.pinner.summary()}
+
+    # -- records kept by the chain (pinning.py) ------------------------------
+
+    def may_open(self, cid: str) -> bool:
+        """Whether this node may open the record `cid` now (pin_records=openable pins only those): on the
+        paper's network every record; on a signed one its own records, those a valid grant to it covers, and
+        those it holds a break-glass key to."""
+        if not self.rules:
+            return True
+        found = self.rules.index.records.get(cid)
+        if found is None:
+            return False
+        me, record = self.identity.node_id, found[1]
+        if me in record.get(KEYS, {}):
+            return True
+        index = self.rules.index
+        return any(grant_id not in index.revoked and not (index.grants[grant_id][1]["expires"]
+                                                          and index.grants[grant_id][1]["expires"] < _now())
+                   for grant_id in index.grants_for.get((me, cid), []))
+
+    def _on_block(self, block: Block) -> None:
+        """Each block that joins the chain: its records are queued for pinning, and a grant to this node makes
+        the records it skipped (pin_records=openable) worth another look."""
+        self.pinner.on_block(block)
+        if self.rules and any(tx.get("type") == GRANT and tx.get("grantee") == self.identity.node_id
+                              for tx in block["transactions"]):
+            self.pinner.reconsider()
+
+    def record_status(self, cid: Any, ask_peers: Any = True) -> dict[str, Any]:
+        """Where a record of the chain is held: this node's own copy (pinned, fetching, failed and why) and which
+        IPFS peers provide it, from the daemon's content routing and, since routing is off in a private network,
+        from the peers' own answers (`ask_peers`)."""
+        cid = _checked_cid(cid, "cid")
+        if isinstance(ask_peers, str):
+            if ask_peers.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise BadInput("'peers' must be true or false")
+            ask_peers = ask_peers.lower() in ("true", "1", "yes")
+        record = self.blockchain.record_for_cid(cid)
+        pin = self.pinner.status(cid)
+        if record is None and pin is None:
+            raise NotFound(f"no record with the IPFS hash {cid} on this node's chain (pending transactions are "
+                           f"not pinned until mined)")
+        try:
+            own_id: str | None = self.ipfs.peer_id()
+            swarm = set(self.ipfs.swarm_peers())
+            routing: list[str] | str = self.ipfs.find_providers(cid) or "unknown"
+        except IpfsError as exc:
+            own_id, swarm, routing = None, set(), f"unknown: {exc}"
+        nodes = self._peer_copies(cid, swarm) if ask_peers else []
+        holders = sorted({entry["ipfs_peer_id"] for entry in nodes if entry["state"] == "pinned"
+                          and entry.get("ipfs_peer_id")} | ({own_id} if own_id and pin and pin["state"] == "pinned"
+                                                             else set()))
+        return {"cid": cid, "on_chain": record is not None, "file_name": record.get("file_name") if record else None,
+                "mode": self.pinner.mode, "pin": pin, "ipfs_peer_id": own_id,
+                "providers": {"routing": routing, "nodes": nodes, "pinned_copies": len(holders), "peer_ids": holders}}
+
+    def _peer_copies(self, cid: str, swarm: set[str]) -> list[dict[str, Any]]:
+        """Each peer node's own answer for the record, asked at once, each within the peer timeout."""
+        urls = self.network.peer_urls
+
+        def ask(url: str) -> dict[str, Any]:
+            try:
+                answer, _ = self.network.client.get_json(f"{url}/records/{cid}?peers=false")
+                pin = answer.get("pin") or {}
+                peer_id = answer.get("ipfs_peer_id")
+                return {"node": url, "state": str(pin.get("state") or "unknown"), "ipfs_peer_id": peer_id,
+                        "connected": peer_id in swarm, "pinned_at": pin.get("pinned_at")}
+            except (NodeError, AttributeError) as exc:
+                return {"node": url, "state": "unknown", "ipfs_peer_id": None, "connected": False,
+                        "pinned_at": None, "error": str(exc)}
+
+        if not urls:
+            return []
+        with ThreadPoolExecutor(max_workers=min(8, len(urls)), thread_name_prefix="records") as pool:
+            return list(pool.map(ask, urls))
 
     # -- life cycle ----------------------------------------------------------
 
     def start(self) -> None:
         """Connect to the configured peers, keep syncing, and start the mining processes in the background."""
+        self.pinner.start(lambda: self.blockchain.chain)  # before the first sync, so no block is missed
         self.network.start()
         threading.Thread(target=self.miner.warm_up, name="mining-warm-up", daemon=True).start()
 
     def close(self) -> None:
+        self.pinner.close()
         self.network.stop()
         self.miner.close()
         if self.store is not None:
@@ -810,11 +892,11 @@ class SpooledDownload:
         self.close()
 
 
-def _checked_cid(cid: Any) -> str:
+def _checked_cid(cid: Any, field: str = "ipfs_hash") -> str:
     if not isinstance(cid, str) or not cid.strip():
-        raise BadInput("'ipfs_hash' must be a non-empty string")
+        raise BadInput(f"'{field}' must be a non-empty string")
     if not is_cid(cid.strip()):
-        raise BadInput("'ipfs_hash' is not an IPFS CID (expected Qm... or b...)")
+        raise BadInput(f"'{field}' is not an IPFS CID (expected Qm... or b...)")
     return cid.strip()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from typing import Any
 
 from blockchain import CID_V0, CID_V1_BASE32, MAX_TEXT_LENGTH
@@ -87,6 +88,36 @@ SCHEMAS["Access"] = _object({
     "emergency": {"type": "boolean"}},
     ["block", "at", "member", "member_short_id", "record", "EHR_name", "user_id", "outcome", "grant", "reason",
      "purpose", "emergency"])
+_count = {"type": "integer", "minimum": 0}
+_pin_states = ["queued", "fetching", "pinned", "failed", "skipped"]
+SCHEMAS["RecordsSummary"] = _object({
+    "mode": {"type": "string", "enum": ["all", "openable", "none"]}, "known": _count, "pinned": _count,
+    "fetching": _count, "queued": _count, "failed": _count, "skipped": _count, "missing": _count},
+    ["mode", "known", "pinned", "fetching", "queued", "failed", "skipped", "missing"])
+SCHEMAS["PinStatus"] = _object({
+    "state": {"type": "string", "enum": _pin_states}, "reason": {"type": "string"}, "attempts": _count,
+    "block_index": {"type": "integer"}, "block_timestamp": {"type": "string"},
+    "seen_at": {"type": "string"}, "pinned_at": {"type": ["string", "null"]},
+    "lag_ms": {"type": ["integer", "null"], "description": "from the block joining this chain to the pin"},
+    "retry_in_ms": {"type": ["integer", "null"], "description": "until the next attempt, for a failed pin"}},
+    ["state", "reason", "attempts", "block_index", "seen_at", "pinned_at"])
+SCHEMAS["RecordStatus"] = _object({
+    "cid": {"type": "string"}, "on_chain": {"type": "boolean"}, "file_name": {"type": ["string", "null"]},
+    "mode": {"type": "string", "enum": ["all", "openable", "none"]},
+    "pin": {"oneOf": [_ref("PinStatus"), {"type": "null"}]},
+    "ipfs_peer_id": {"type": ["string", "null"]},
+    "providers": _object({
+        "routing": {"oneOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}],
+                    "description": "providers IPFS content routing names, or 'unknown' (routing is off in a "
+                                   "private network)"},
+        "nodes": {"type": "array", "items": _object({
+            "node": {"type": "string"}, "state": {"type": "string"}, "ipfs_peer_id": {"type": ["string", "null"]},
+            "connected": {"type": "boolean"}, "pinned_at": {"type": ["string", "null"]},
+            "error": {"type": "string"}}, ["node", "state", "ipfs_peer_id", "connected"])},
+        "pinned_copies": _count,
+        "peer_ids": {"type": "array", "items": {"type": "string"}}},
+        ["routing", "nodes", "pinned_copies", "peer_ids"])},
+    ["cid", "on_chain", "mode", "pin", "ipfs_peer_id", "providers"])
 SCHEMAS["FileVersion"] = _object({**SCHEMAS["FileInfo"]["properties"], "block_index": {"type": "integer"},
                                   "EHR_name": {"type": "string"}, "user_id": {"type": "string"}},
                                  ["Hash", "Name", "Size", "block_index", "EHR_name", "user_id"])
@@ -315,7 +346,16 @@ PATHS: dict[str, Any] = {
         "without it", {200: _object(
             {"status": _message, "port": {"type": "integer"}, "role": _message, "length": {"type": "integer"},
              "pending": {"type": "integer"}, "peers": {"type": "array", "items": {"type": "string"}},
-             "ipfs_api": _message}, ["status", "role"])}, tag="operations")},
+             "ipfs_api": _message, "records": _ref("RecordsSummary")}, ["status", "role"])}, tag="operations")},
+    "/records/{cid}": {"get": _operation(
+        "Where a record of the chain is held: this node's own pinned copy (pinned, fetching, failed and why) and "
+        "which peers hold one", {200: _ref("RecordStatus")}, 404,
+        parameters=[{"name": "cid", "in": "path", "required": True,
+                     "schema": {"type": "string", "pattern": CID_PATTERN}},
+                    {"name": "peers", "in": "query", "required": False,
+                     "schema": {"type": "string", "enum": ["true", "false"]},
+                     "description": "also ask every peer node for its copy (default true)"}],
+        tag="records")},
     "/receive_transaction": {"post": _operation(
         "Node to node: a transaction gossiped by a peer",
         {201: _object({"index": {"type": "integer"}, "new": {"type": "boolean"}}, ["index", "new"]),
@@ -349,6 +389,11 @@ SPEC: dict[str, Any] = {
         "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}},
     "security": [{}, {"bearer": []}, {"apiKey": []}],
 }
+
+
+def route_path(rule: str) -> str:
+    """A Flask rule as an OpenAPI path: '/records/<cid>' -> '/records/{cid}'."""
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
 
 
 def docs_page() -> str:

@@ -238,6 +238,11 @@ class PeerClient:
                     raise PeerMisbehaved(f"answer larger than {max_bytes} bytes")
             if watch.expired:  # the watchdog cut the socket: what arrived is not the whole answer
                 raise PeerMisbehaved(f"did not answer within {self.limits.deadline:g}s")
+            # read1 does not mark a response read to its Content-Length as closed (read does): left open, the
+            # connection sends the next request and then refuses to read its answer (ResponseNotReady), and
+            # post_json sends that request again on a new connection: every gossip message but a connection's
+            # first would arrive twice.
+            response.close()
             if response.will_close:
                 connection.close()
             return response.status, received

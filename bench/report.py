@@ -177,7 +177,41 @@ def markdown(results: dict[str, Any]) -> str:
                 out.append(f"| {name} | {s['median_s']:.2f} | {speed} | {s['peak_rss_mb_max']:.0f} |")
             out += ["", f"crypto.py encrypts at {r['encrypt_speed_vs_pyaescrypt']:.2f}x pyAesCrypt's speed.", "",
                     *[f"- {n}" for n in r["notes"]]]
+    if "soak" in items:
+        out += soak_section(items["soak"])
     return "\n".join(out) + "\n"
+
+
+def soak_section(r: dict[str, Any]) -> list[str]:
+    if "skipped" in r:
+        return ["", f"## 8. Across lab hosts: skipped ({r['skipped']})"]
+    out = ["", "## 8. Across lab hosts (network namespaces, a node and a Kubo on each)"]
+    s = r.get("soak")
+    if s:
+        c, lag = s["converge_s"], s["pin_lag"]["seconds"]
+        out += ["", f"Soak: {s['hosts']} hosts, {s['seconds']:.0f} s, {s['rate_per_s']:g} records/s in all (each "
+                    f"added to IPFS and recorded by its host's own client), mining every ~{s['mine_every_s']:g} s on "
+                    f"each host, a host cut off for {s['partition_s']:g} s every {s['partition_every_s']:g} s.", "",
+                "| acknowledged | committed | lost | twice | chain | blocks mined (forked away) | heals | "
+                "converged after heal, median / max s | pin lag median / p95 / max s |",
+                "|---:|---:|---:|---:|---:|---:|---:|---|---|",
+                f"| {s['acknowledged']} | {s['committed']} | {s['lost']} | {s['duplicated']} | {s['chain_length']} | "
+                f"{s['blocks_mined']} ({s['forked_away']}) | {len(s['partitions'])} | "
+                f"{_ms(c.get('median'), 1)} / {_ms(c.get('max'), 1)} | "
+                f"{_ms(lag.get('median'), 1)} / {_ms(lag.get('p95'), 1)} / {_ms(lag.get('max'), 1)} |"]
+    if r.get("scale"):
+        out += ["", "What grows with the number of hosts (quiet network, requests counted in the nodes' logs):", "",
+                "| hosts | gossip requests a transaction ((N-1)^2) | a block | sync requests/s idle | "
+                "pins a record | pin lag median / max s | chain bytes a node | in all |",
+                "|---:|---:|---:|---:|---:|---|---:|---:|"]
+        for row in r["scale"]:
+            lag = row["pin_lag"]["seconds"]
+            out.append(f"| {row['hosts']} | {row['gossip_requests_per_transaction']:.1f} "
+                       f"({row['expected_per_transaction']}) | {row['gossip_requests_per_block']:.1f} | "
+                       f"{row['idle_sync_requests_per_s']:.2f} | {row['pins_per_record']:.0f} | "
+                       f"{_ms(lag.get('median'), 2)} / {_ms(lag.get('max'), 2)} | {row['chain_bytes_per_node']:,} | "
+                       f"{row['chain_bytes_all_nodes']:,} |")
+    return out
 
 
 def chart(results: dict[str, Any], path: Path) -> str | None:

@@ -22,7 +22,7 @@ for node in "$PATIENT" "$AUTHORITY" "$PROVIDER"; do
   printf '  => %s is %s (%s)\n' "$node" "$(field '["short_id"]')" "$(field '["role"]')"
 done
 
-PROVIDER_ID=$(curl -sS "$PROVIDER/identity" | python3 -c 'import json, sys; print(json.load(sys.stdin)["node_id"])')
+PROVIDER_ID=$(curl -sS "${AUTH[@]}" "$PROVIDER/identity" | python3 -c 'import json, sys; print(json.load(sys.stdin)["node_id"])')
 
 heading "The members, as every node's chain says (founded by the shared members file)"
 call GET "$AUTHORITY/members"

@@ -16,7 +16,6 @@ PROVIDER_DATA=${PROVIDER_DATA:-data/node-5004}
 RECORD=${RECORD:-MRI.pdf}
 PASSWORD=${EMR_PASSWORD:-$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')}
 SYNC_SECONDS=${SYNC_SECONDS:-15}
-
 [ -f "$PATIENT_DATA/$RECORD" ] || fail "no $RECORD in the patient's data folder $PATIENT_DATA"
 
 heading "Connecting peers (Fig. 4a): one connect_node on the patient's node links all three"
@@ -38,7 +37,7 @@ BLOCK=$(field '["index"]')
 
 heading "Step 6: Healthcare B (the provider's node) finds the record on its copy of the chain (Fig. 4d, 4e)"
 for _ in $(seq $((SYNC_SECONDS * 10))); do
-  length=$(curl -sS "$PROVIDER/get_chain" | python3 -c 'import json, sys; print(json.load(sys.stdin)["length"])')
+  length=$(curl -sS "${AUTH[@]}" "$PROVIDER/get_chain" | python3 -c 'import json, sys; print(json.load(sys.stdin)["length"])')
   [ "$length" -ge "$BLOCK" ] && break
   sleep 0.1
 done

@@ -3,6 +3,9 @@
 PATIENT=${PATIENT:-http://127.0.0.1:5002}
 AUTHORITY=${AUTHORITY:-http://127.0.0.1:5003}
 PROVIDER=${PROVIDER:-http://127.0.0.1:5004}
+# Nodes started with --api-key (EMR_API_KEY) need it on every request: API_KEY=... (sent as X-API-Key, never printed)
+AUTH=()
+[ -n "${API_KEY:-}" ] && AUTH=(-H "X-API-Key: $API_KEY")
 
 step=0
 if [ -t 1 ]; then BOLD=$'\033[1m' RED=$'\033[31m' GREEN=$'\033[32m' PLAIN=$'\033[0m'; else BOLD= RED= GREEN= PLAIN=; fi
@@ -16,9 +19,9 @@ call() {
   [ -n "$data" ] && printf '%s\n' "$data" | sed 's/"password": *"[^"]*"/"password": "(shared secret)"/; s/^/  /' | cut -c1-400
   out=$(mktemp)
   if [ -n "$data" ]; then
-    status=$(curl -sS -o "$out" -w '%{http_code}' -X "$method" -H 'Content-Type: application/json' --data "$data" "$url")
+    status=$(curl -sS "${AUTH[@]}" -o "$out" -w '%{http_code}' -X "$method" -H 'Content-Type: application/json' --data "$data" "$url")
   else
-    status=$(curl -sS -o "$out" -w '%{http_code}' -X "$method" "$url")
+    status=$(curl -sS "${AUTH[@]}" -o "$out" -w '%{http_code}' -X "$method" "$url")
   fi
   BODY=$(cat "$out"); rm -f "$out"
   printf '< %s\n' "$status"

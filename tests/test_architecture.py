@@ -19,7 +19,7 @@ import server
 from app import action_of, check_access_rules, create_app, status_for
 from conftest import node_config
 from policy import ROLE_ACTIONS, Action, may
-from test_postman import COLLECTION, NOT_FOR_USERS, load, request_path, requests_in
+from test_postman import COLLECTION, NOT_FOR_USERS, load, request_path, requests_in, shape
 
 ROOT = Path(__file__).resolve().parent.parent
 SELF_DESCRIBING = {"/openapi.json", "/docs"}  # the document does not list itself
@@ -33,17 +33,17 @@ def routes(flask_app: Flask) -> set[tuple[str, str]]:
 def test_every_route_has_an_access_rule_a_document_entry_and_a_postman_request(tmp_path: Path) -> None:
     flask_app = create_app(node_config(tmp_path))
     try:
-        documented = {(method.upper(), path) for path, methods in openapi.PATHS.items() for method in methods}
-        requested = {(item["request"]["method"], request_path(item["request"]))
+        documented = {(method.upper(), shape(path)) for path, methods in openapi.PATHS.items() for method in methods}
+        requested = {(item["request"]["method"], shape(request_path(item["request"])))
                      for name, item in requests_in(load(COLLECTION)["item"]) if not name.startswith("Errors/")}
         missing = []
         for method, path in sorted(routes(flask_app)):
-            endpoint = flask_app.url_map.bind("").match(path.replace("<path:filename>", "x"), method=method)[0]
+            endpoint = flask_app.url_map.bind("").match(re.sub(r"<[^<>]*>", "x", path), method=method)[0]
             if action_of(flask_app.view_functions[endpoint]) is None:
                 missing.append(f"{method} {path}: no @serves access rule")
-            if path not in SELF_DESCRIBING and (method, path) not in documented:
+            if path not in SELF_DESCRIBING and (method, shape(path)) not in documented:
                 missing.append(f"{method} {path}: not in openapi.py")
-            if path not in NOT_FOR_USERS and (method, path) not in requested:
+            if path not in NOT_FOR_USERS and (method, shape(path)) not in requested:
                 missing.append(f"{method} {path}: no request in postman_collection.json")
         assert not missing, "\n".join(missing)
     finally:
