@@ -298,6 +298,9 @@ class Blockchain:
         # Called with each block that joins the chain (mined, received, or taken from a peer), under the chain's
         # lock and in chain order: keep it quick (a node queues the block's records for pinning, say).
         self.on_block: Callable[[Block], None] = lambda block: None
+        # Called with the transactions of dropped blocks that went back to pending after a reorganisation (under
+        # the lock): the node tells its peers again, or they would wait for this node to mine them.
+        self.on_requeued: Callable[[list[Transaction]], None] = lambda transactions: None
         self.rules = rules
         self.genesis = make_genesis(genesis_timestamp, rules.genesis_fields() if rules else None)
         self.search = search
@@ -659,6 +662,9 @@ class Blockchain:
             self.journal.replace_chain(fork - 1, new, list(pending.values()))
         self._load(self._chain[:fork - 1] + new, self._states[:fork - 1] + states)
         self._pending = pending
+        requeued = [tx for tx in dropped if tx["id"] in pending]
+        if requeued:
+            self.on_requeued(requeued)
         for block in new:
             self.on_block(block)
 

@@ -195,6 +195,7 @@ class Network:
         # Asked about each new peer's base URL before it is added; raises PeerRefused to keep it out (a signed
         # network: is it a member?). It may ask the peer, so it runs outside the lock.
         self.vet_peer: Callable[[str], None] | None = None
+        blockchain.on_requeued = self._announce_again
 
     @staticmethod
     def _netlocs_of_self(config: Config) -> set[str]:
@@ -330,6 +331,12 @@ class Network:
             outboxes = [peer.outbox for netloc, peer in self._peers.items() if netloc != exclude]
         for box in outboxes:
             box.send(path, body)
+
+    def _announce_again(self, transactions: list[Transaction]) -> None:
+        """Transactions of blocks a reorganisation dropped are pending again here; peers whose chain dropped
+        them too hold them pending only if someone says so."""
+        for tx in transactions:
+            self._gossip(TRANSACTION_PATH, tx)
 
     def add_transaction(self, tx: Transaction, sender: str | None = None) -> Receipt:
         receipt = self.blockchain.add_transaction(tx)

@@ -223,3 +223,16 @@ def test_misbehaving_peer_costs_a_bounded_wait_and_is_reported(spawn_node, fake_
     assert response.status_code == 200 and response.json()["replaced"] is False
     assert "skipped" in response.json()["peers"][f"127.0.0.1:{fake_peer.port}"]
     assert node.get("/health").status_code == 200
+
+
+def test_transactions_of_a_dropped_block_are_announced_again_to_the_peers(spawn_node) -> None:
+    left, right = spawn_node(), spawn_node()
+    kept_alone = left.post("/add_transaction", paper_transaction(EHR_name="only left knows")).json()["id"]
+    left.get("/mine_block")
+    for _ in range(2):
+        right.get("/mine_block")
+    right.post("/connect_node", {"nodes": [left.url]})  # left takes right's longer chain, dropping its block
+    wait_until(lambda: same_chain(left, right), timeout=15)
+    wait_until(lambda: right.get("/health").json()["pending"] == 1, timeout=15)
+    mined = right.get("/mine_block").json()
+    assert [tx["id"] for tx in mined["transactions"]] == [kept_alone]
