@@ -223,7 +223,7 @@ class Cluster:
     def node(self, name: str, ipfs: Kubo | None, role: str = "patient", port: int | None = None,
              **settings: Any) -> NodeProcess:
         port = port or free_port()
-        data_dir = self.workdir / "nodes" / name
+        data_dir = Path(settings["data_dir"]) if settings.get("data_dir") else self.workdir / "nodes" / name
         # The load runs add thousands of transactions a second and mine only between runs: no pending limit
         # (max_pending, there for a node under attack) may stand in the way of what they measure.
         base: dict[str, Any] = {"data_dir": str(data_dir), "sync_interval": 0, "max_pending": BENCH_MAX_PENDING,

@@ -17,6 +17,7 @@ processes on free 127.0.0.1 ports, and stops them all at the end. Items:
   9 signing   what signing costs: add_transaction, adopting a long chain, syncing on top of it (bench/signing.py)
  10 soak      across lab hosts (needs root): transactions with periodic partitions, and what grows with the
               number of hosts, on 3 and 6 (bench/soak.py)
+ 11 consent   opening a record with a grant vs the paper's password; the audit with 100,000 accesses
 """
 from __future__ import annotations
 
@@ -42,12 +43,13 @@ from common import ROOT, Cluster, Http, kubo_version, log  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ITEMS = {"1": "fig5", "2": "overhead", "3": "load", "4": "pow", "5": "scale", "6": "size", "7": "attack", "8": "crypto",
-         "9": "signing", "10": "soak"}
+         "9": "signing", "10": "soak", "11": "consent"}
 QUICK = {"runs": 8, "overhead_rounds": 10, "overhead_mib": 4, "load_seconds": 3.0, "load_rounds": 1, "pow_rounds": 2, "mine_blocks": 10,
          "files": 10_000, "lookups": 100, "scans": 10, "chain_sizes": [100, 300, 1000], "chain_gets": 3,
          "replace_nodes": 1, "big_mib": 64, "crypto_rounds": 1, "attack_seconds": 3.0, "attack_rounds": 1,
          "crypto_speed_mib": 32, "crypto_speed_rounds": 2, "crypto_memory_mib": 64,
          "sign_blocks": 1000, "sign_rounds": 1, "sign_load_seconds": 3.0,
+         "consent_runs": 8, "audit_records": 2000, "audit_queries": 20,
          "soak_seconds": 40.0, "soak_partition_every": 18.0, "soak_partition_seconds": 6.0, "scale_hosts": [3],
          "scale_transactions": 5}
 
@@ -117,6 +119,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     signing.add_arguments(parser.add_argument_group("9: signing"))
     import soak
     soak.add_arguments(parser.add_argument_group("10: across lab hosts"))
+    import consent
+    consent.add_arguments(parser.add_argument_group("11: consent"))
     args = parser.parse_args(argv)
     if args.quick:  # the quick sizes, unless a flag says otherwise
         parser.set_defaults(**QUICK)
@@ -206,6 +210,9 @@ def run_item(name: str, ctx: Context) -> dict[str, Any]:
     if name == "soak":
         import soak
         return soak.run(ctx)
+    if name == "consent":
+        import consent
+        return consent.run(ctx)
     raise ValueError(name)
 
 
