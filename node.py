@@ -618,6 +618,9 @@ class Node:
             owner = candidates[0].get("signer") if candidates else None
             if owner and owner != me:
                 raise Forbidden(f"record {record!r} is {short_id(owner)}'s: only its owner may grant it")
+            if owner == me:
+                raise Conflict(f"record {record!r} was recorded the paper's way, with a password and no key of its "
+                               f"own: share the password, or publish the file again with /publish_record")
             raise NotFound(f"no record {record!r} of this node's on the chain (one counts once it is mined)")
         return own if versions == ALL_VERSIONS else own[:1]
 
