@@ -302,7 +302,7 @@ PATHS: dict[str, Any] = {
     "/grant": {"post": _operation(
         "Signed network, the record's owner: grant a member one record (a CID) or every version of one (a name), "
         "with an optional expiry and purpose; the key travels wrapped for that member (HPKE)",
-        {201: _membership_receipt, 200: _membership_receipt}, 404, 503,
+        {201: _membership_receipt, 200: _membership_receipt}, 404, 409, 503,
         body=_json_body(_object({
             "record": _text("the record's CID or name"), "member": {"type": "string", "pattern": "^[a-z2-7]{52}$"},
             "expires": {"type": "string", "description": "\"\" (never) or a time like 2027-01-31 23:59:59.000000"},
