@@ -1,10 +1,11 @@
 """FHIR R4 views of a node's chain, read-only: DocumentReference (the records), and on a signed network Consent
 (the grants) and AuditEvent (the opens and refusals). Plain Python, no Flask, no network.
 
-(Not fhir.py: that name would hide the `fhir` package that fhir.resources installs.) `Node` gathers the chain's data into the plain entries below and calls `search`, `read` or `capability_statement`;
+`Node` gathers the chain's data into the plain entries below and calls `search`, `read` or `capability_statement`;
 every resource is checked against the R4B models of `fhir.resources` (R4B's DocumentReference, Consent and
 AuditEvent are R4's) before it leaves, and serialised by them. Failures are the errors of errors.py; app.py answers
-them as an OperationOutcome (`operation_outcome`).
+them as an OperationOutcome (`operation_outcome`). (Not fhir.py: that name would hide the `fhir` package that
+fhir.resources installs.)
 
 What is mapped, and from where:
 - DocumentReference, one per record version (a transaction with an `ipfs_hash`), id = the transaction's id:

@@ -397,9 +397,10 @@ PATHS: dict[str, Any] = {
         tag="records")},
     "/files": {"get": {**_operation(
         "Download a file of the node's data directory as an attachment (a record decrypted into downloads/, say); "
-        "never the node's own folder", {}, 404, parameters=[{"name": "path", "in": "query", "required": True,
-                                                              "schema": _text("a path inside the data directory",
-                                                                              maxLength=1024, example="downloads/MRI.pdf")}]),
+        "never the node's own folder", {}, 404,
+        parameters=[{"name": "path", "in": "query", "required": True,
+                     "schema": _text("a path inside the data directory", maxLength=1024,
+                                     example="downloads/MRI.pdf")}]),
         "x-streamed": True}},
     "/network": {"get": _operation(
         "This node and each peer: the role and id each says it has, its chain length now, how far behind the longest "

@@ -235,7 +235,8 @@ def test_grants_are_consents_and_accesses_are_audit_events_on_a_signed_network(s
     assert "no grant" in refused["outcomeDesc"]
     assert emergency["purposeOfEvent"][0]["coding"][0]["code"] == "ETREAT"
     assert emergency["agent"][0]["who"]["display"].startswith("healthcare_authority ")
-    assert opened["meta"]["profile"] == ["https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.PatientRead"]
+    assert opened["meta"]["profile"] == [
+        "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.PatientRead"]
     one = requests.get(patient.url + f"/fhir/AuditEvent/{emergency['id']}", timeout=10).json()
     parsed(one, "AuditEvent")
     assert one == emergency
