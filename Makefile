@@ -6,9 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 NEWMAN_VERSION := 6.2.2
 NEWMAN := .tools/npm/node_modules/.bin/newman
+CHROMIUM := /usr/bin/chromium
 PYTEST_ARGS ?=
 
-.PHONY: help install venv kubo toxiproxy newman test test-fast demo lab up down bench kubo-start kubo-stop kubo-status clean
+.PHONY: help install venv kubo toxiproxy newman browser test test-fast demo lab up down bench kubo-start kubo-stop kubo-status clean
 
 help:
 	@echo "make demo     run the paper's workflow across three nodes (installs what is missing)"
@@ -18,6 +19,7 @@ help:
 	@echo "make up       start Kubo and the three role nodes for Postman or curl; Ctrl-C stops them"
 	@echo "make down     stop nodes and Kubo daemons left running"
 	@echo "make bench    measure, and write bench/results/"
+	@echo "make browser  install Debian's chromium for the page's browser tests (make test does it)"
 
 install: venv kubo
 
@@ -41,7 +43,21 @@ $(NEWMAN):
 	mkdir -p .tools/npm
 	npm install --prefix .tools/npm --no-audit --no-fund --loglevel=error newman@$(NEWMAN_VERSION)
 
-test: venv kubo newman
+# The browser tests drive Debian's Chromium (a test tool's own browser download cannot work here). Installed with
+# apt-get when missing; if that cannot be done, the tests skip saying why and the rest of `make test` still runs.
+browser:
+	@if [ -x $(CHROMIUM) ]; then \
+		echo "browser: $$($(CHROMIUM) --version 2>/dev/null || echo $(CHROMIUM))"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+		echo "browser: apt-get could not install chromium; the browser tests will be skipped"; \
+	else \
+		echo "browser: no $(CHROMIUM), and apt-get needs root here; the browser tests will be skipped"; \
+	fi
+
+test: venv kubo newman browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv

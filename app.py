@@ -17,13 +17,15 @@ import time
 from typing import Any, Callable, Mapping
 from urllib.parse import quote, urlsplit
 
-from flask import Blueprint, Flask, Request, Response, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Request, Response, current_app, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import parse_options_header
 from werkzeug.wsgi import wrap_file
 
 import errors
+import fhir_r4 as fhir
 import openapi as openapi_spec
+import page
 from config import LOOPBACK_HOSTS, WILDCARD_HOSTS, Config, setting_names
 from errors import (BadInput, CrossOriginRefused, Forbidden, MisdirectedRequest, NodeError, TooLarge, Unauthorized,
                     UnsupportedMediaType)
@@ -47,7 +49,10 @@ MULTIPART_TYPE = "multipart/form-data"
 # What each endpoint that takes a body accepts; every other POST takes JSON only. Browsers may send text/plain,
 # form and multipart bodies to any site without asking it first (no CORS preflight), so a JSON endpoint that
 # took them would be open to any web page the user visits.
-BODY_TYPES: dict[str, tuple[str, ...]] = {UPLOAD_ENDPOINT: (JSON_TYPE, MULTIPART_TYPE)}
+PUBLISH_ENDPOINT = "publish_record"  # the one-go publish takes a browser's upload too
+BODY_TYPES: dict[str, tuple[str, ...]] = {UPLOAD_ENDPOINT: (JSON_TYPE, MULTIPART_TYPE),
+                                          PUBLISH_ENDPOINT: (JSON_TYPE, MULTIPART_TYPE)}
+UPLOAD_ENDPOINTS = frozenset({UPLOAD_ENDPOINT, PUBLISH_ENDPOINT})  # held to max_upload_bytes when multipart
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 DOWNLOAD_CHUNK_BYTES = 256 * 1024
 CORS_REQUEST_HEADERS = "Authorization, Content-Type, X-API-Key"
@@ -84,6 +89,7 @@ def action_of(view: Callable[..., Any]) -> Action | None:
 # -- request helpers -----------------------------------------------------------
 
 CRYPT_FIELDS = ("file_path", "password", "output_path", "overwrite")
+PUBLISH_FIELDS = ("file_path", "EHR_name", "user_id", "password")
 
 
 def json_body(*fields: str) -> dict[str, Any]:
@@ -345,10 +351,22 @@ def remove_member() -> Any:
 @api.post("/publish_record")
 @serves(Action.RECORD)
 def publish_record() -> Any:
-    body = json_body("file_path", "EHR_name", "user_id")
-    result = current_node().publish_record(text_field(body, "file_path"), body.get("EHR_name"), body.get("user_id"))
-    return jsonify(message=f"The record is encrypted with a key of its own, on IPFS, and will be in Block "
-                           f"{result['index']}", **result), 201
+    node = current_node()
+    if request.mimetype == MULTIPART_TYPE:
+        refuse_unknown(list(request.form) + list(request.files), (UPLOAD_FIELD,) + PUBLISH_FIELDS[1:])
+        upload = request.files.get(UPLOAD_FIELD)
+        if upload is None or not upload.filename:
+            raise BadInput(f"a multipart upload needs the file in the '{UPLOAD_FIELD}' field")
+        try:
+            result = node.publish_upload(upload.stream, upload.filename, request.form.get("EHR_name"),
+                                         request.form.get("user_id"), request.form.get("password"))
+        finally:
+            upload.close()
+    else:
+        body = json_body(*PUBLISH_FIELDS)
+        result = node.publish_record(text_field(body, "file_path"), body.get("EHR_name"), body.get("user_id"),
+                                     body.get("password"))
+    return jsonify(result), 201
 
 
 @api.post("/grant")
@@ -386,6 +404,91 @@ def audit() -> Any:
     fields = ("owner", "user_id", "record", "member", "since", "until", "limit")
     refuse_unknown(request.args, fields)
     return jsonify(current_node().audit(**{name: request.args.get(name) for name in fields}))
+
+
+# -- the web page and what it needs ---------------------------------------------
+
+def attachment(name: str, size: int, stream: Any) -> Response:
+    """A file sent as a download, by the server's I/O thread at the reader's pace (see download_file)."""
+    fallback = name.encode("ascii", "replace").decode().replace("?", "_").replace('"', "_")
+    headers = {"Content-Disposition": f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name)}",
+               "Content-Length": str(size)}
+    return Response(wrap_file(request.environ, stream, DOWNLOAD_CHUNK_BYTES), mimetype="application/octet-stream",
+                    headers=headers, direct_passthrough=True)
+
+
+@api.get("/files")
+@serves(Action.FETCH)
+def user_file() -> Any:
+    refuse_unknown(request.args, ("path",))
+    return attachment(*current_node().user_file(request.args.get("path", "")))
+
+
+@api.get("/network")
+@serves(Action.READ)
+def network_view() -> Any:
+    return jsonify(current_node().network_view())
+
+
+def page_file(name: str) -> Response:
+    path, media_type = page.asset(name)
+    response = send_file(path, mimetype=media_type, conditional=True, etag=True, max_age=0)
+    response.headers.update(page.HEADERS)
+    return response
+
+
+@api.get("/")
+@serves(Action.PAGE)
+def index_page() -> Any:
+    return page_file(page.INDEX)
+
+
+@api.get("/static/<path:filename>")
+@serves(Action.PAGE)
+def static_file(filename: str) -> Any:
+    return page_file(filename)
+
+
+# -- FHIR R4, read-only (fhir.py) ----------------------------------------------------
+
+def fhir_view(view: Callable[..., Any]) -> Callable[..., Any]:
+    """A FHIR route answers application/fhir+json, and its errors as an OperationOutcome (with the status
+    ERROR_STATUS gives them), as FHIR servers do."""
+    @functools.wraps(view)
+    def answer(*args: Any, **kwargs: Any) -> Response:
+        try:
+            resource, status = view(*args, **kwargs), 200
+        except NodeError as exc:
+            status = status_for(type(exc))
+            resource = fhir.operation_outcome(status, str(exc))
+        return Response(fhir.to_json(resource), status=status, mimetype=fhir.MEDIA_TYPE)
+    return answer
+
+
+def fhir_base() -> str:
+    return request.host_url.rstrip("/") + "/fhir"
+
+
+@api.get("/fhir/metadata")
+@serves(Action.READ)
+@fhir_view
+def fhir_metadata() -> Any:
+    return current_node().fhir_metadata(fhir_base())
+
+
+@api.get("/fhir/<resource_type>")
+@serves(Action.READ)
+@fhir_view
+def fhir_search(resource_type: str) -> Any:
+    return current_node().fhir_search(resource_type, request.args.items(multi=True), fhir_base(),
+                                      request.query_string.decode("utf-8", "replace"))
+
+
+@api.get("/fhir/<resource_type>/<resource_id>")
+@serves(Action.READ)
+@fhir_view
+def fhir_read(resource_type: str, resource_id: str) -> Any:
+    return current_node().fhir_read(resource_type, resource_id)
 
 
 @api.get("/openapi.json")
@@ -467,7 +570,7 @@ class Gate:
     def body_limit(self, method: str, path: str, headers: Mapping[str, str]) -> int:
         """The largest body this request may have: max_upload_bytes for an upload, else max_body_bytes."""
         endpoint, _ = self.route(method, path)
-        if short(endpoint) == UPLOAD_ENDPOINT and media_type(headers) == MULTIPART_TYPE:
+        if short(endpoint) in UPLOAD_ENDPOINTS and media_type(headers) == MULTIPART_TYPE:
             return self.config.max_upload_bytes
         return self.config.max_body_bytes
 

@@ -82,7 +82,7 @@ class Config:
     max_pending: int = _setting(DEFAULT_MAX_PENDING, "most pending transactions a node holds; more are refused "
                                                      "with 503 until a block is mined")
     max_body_bytes: int = _setting(1 * MIB, "largest JSON request body")
-    max_upload_bytes: int = _setting(2 * GIB, "largest file upload to create_hash")
+    max_upload_bytes: int = _setting(2 * GIB, "largest file upload (multipart) to create_hash or publish_record")
     max_json_depth: int = _setting(32, "deepest nesting accepted in a JSON body")
     threads: int = _setting(16, "request threads of the WSGI server")
     api_key: str = _setting("", "when set, every endpoint but /health needs it (Bearer or X-API-Key)")

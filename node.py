@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import IO, Any, Callable, Iterable
 
 import crypto
+import fhir_r4 as fhir
 from blockchain import (MAX_TEXT_LENGTH, TIMESTAMP, TIMESTAMP_FORMAT, TRANSACTION_ID, Block, Blockchain, Receipt,
                         Transaction, check_transaction, hash_block, is_cid)
 from config import Config
@@ -36,6 +37,7 @@ from members import Member, Members, load_members
 from ipfs_client import IpfsClient
 from mining import Miner
 from network import NODE_HEADER, Network, peer_netloc
+from openapi import VERSION as API_VERSION
 from pinning import Pinner
 from policy import Action, may
 from storage import MAX_NAME_BYTES, confine_path, safe_file_name, written_atomically
@@ -60,6 +62,8 @@ SIZE_CACHE_ENTRIES = 100_000
 MAX_GOSSIP_BATCH = 1000
 CONNECT_EXAMPLE = '["http://127.0.0.1:5003"]'
 BLOCK_INDEX = re.compile(r"[0-9]{1,18}")
+PUBLISH_CHUNK_BYTES = 1024 * 1024
+PLACEHOLDER_CID = "QmbWxSqxhZms74885xceSaiHVvdjqiVWrATtYUrrUnVE1K"  # checks a record's other fields before it has one
 
 
 @dataclass
@@ -389,6 +393,116 @@ class Node:
         with ThreadPoolExecutor(max_workers=min(8, len(urls)), thread_name_prefix="records") as pool:
             return list(pool.map(ask, urls))
 
+    # -- the web page's needs (app.py serves static/) --------------------------
+
+    def user_file(self, path: Any) -> tuple[str, int, IO[bytes]]:
+        """(name, size, the open file) of a file of the data directory, for a browser to download: a decrypted
+        record in downloads/, say. Never the node's own folder (its store, identity and spooled uploads)."""
+        target = self._user_path(path, "path")
+        if not target.is_file():
+            raise NotFound(f"no file at '{path}' in the node's data directory")
+        stream = open(target, "rb")
+        return target.name, os.fstat(stream.fileno()).st_size, stream
+
+    def network_view(self) -> dict[str, Any]:
+        """This node and each peer: who it says it is (role, id), its chain length now and how far behind the
+        longest it is, asked of every peer at once within the peer timeout. A peer's answers are its own claims;
+        on a signed network `member` says whether its id is a member's."""
+        state = self.blockchain.state() if self.rules else None
+        me = {"url": self.config.own_url, "self": True, "reachable": True, "role": self.config.role_name,
+              "node_id": self.identity.node_id, "short_id": self.identity.short_id, "length": len(self.blockchain),
+              "pending": self.blockchain.pending_count, "faults": 0, "error": "",
+              "member": (self.identity.node_id in state.members) if state else None}
+
+        def ask(peer: dict[str, Any]) -> dict[str, Any]:
+            entry = {"url": peer["url"], "self": False, "reachable": False, "role": None, "node_id": None,
+                     "short_id": None, "length": peer.get("length"), "pending": None, "faults": peer["faults"],
+                     "error": peer.get("last_error") or "", "member": None}
+            try:
+                identity, _ = self.network.client.get_json(peer["url"] + "/identity")
+                health, _ = self.network.client.get_json(peer["url"] + "/health")
+                node_id = identity.get("node_id")
+                entry.update(reachable=True, error="", role=str(identity.get("role")),
+                             node_id=node_id if isinstance(node_id, str) else None,
+                             short_id=str(identity.get("short_id") or ""),
+                             length=int(health["length"]), pending=int(health.get("pending", 0)))
+                if state is not None:
+                    entry["member"] = node_id in state.members
+            except (NodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+                entry["error"] = str(exc) or type(exc).__name__
+            return entry
+
+        known = self.network.describe_peers()
+        if known:
+            with ThreadPoolExecutor(max_workers=min(8, len(known)), thread_name_prefix="network-view") as pool:
+                peers = list(pool.map(ask, known))
+        else:
+            peers = []
+        longest = max([me["length"], *(peer["length"] for peer in peers if isinstance(peer["length"], int))])
+        for entry in [me, *peers]:
+            entry["behind"] = longest - entry["length"] if isinstance(entry["length"], int) else None
+        return {"longest": longest, "nodes": [me, *peers]}
+
+    # -- FHIR (fhir.py: read-only views of the chain) ----------------------------
+
+    def fhir_metadata(self, base: str) -> dict[str, Any]:
+        return fhir.capability_statement(base, self.rules is not None, API_VERSION, self.config.role_name)
+
+    def fhir_search(self, resource_type: str, params: Iterable[tuple[str, str]], base: str,
+                    query: str = "") -> dict[str, Any]:
+        return fhir.search(resource_type, params, self._fhir_sources(), base, query)
+
+    def fhir_read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        return fhir.read(resource_type, resource_id, self._fhir_sources())
+
+    def _fhir_sources(self) -> fhir.Sources:
+        return fhir.Sources(records=self._fhir_records, accesses=self._fhir_accesses, grants=self._fhir_grants,
+                            signed=self.rules is not None)
+
+    def _member_label(self, node_id: str, state: LedgerState | None = None) -> str:
+        state = state or self.blockchain.state()
+        member = state.members.get(node_id)
+        return f"{member.role} {member.short_id}" if member else f"former member {short_id(node_id)}"
+
+    def _fhir_records(self) -> list[fhir.Record]:
+        """Every record version on the chain, oldest first; the newest of each user_id and EHR_name is current."""
+        found, previous = [], {}
+        for block in self.blockchain.chain[1:]:
+            for position, tx in enumerate(block["transactions"]):
+                if not ("ipfs_hash" in tx and "EHR_name" in tx and "user_id" in tx and tx.get("id")):
+                    continue
+                key = (tx["user_id"], str(tx["EHR_name"]).lower())
+                found.append((block, position, tx, previous.get(key)))
+                previous[key] = tx["id"]
+        newest = set(previous.values())
+        state = self.blockchain.state() if self.rules else None
+        return [fhir.Record(tx, block["index"], position, block["timestamp"], tx["id"] in newest, before,
+                            self._member_label(tx["signer"], state) if state and tx.get("signer") else None)
+                for block, position, tx, before in found]
+
+    def _fhir_accesses(self) -> list[fhir.Access]:
+        index, state = self.rules.index, self.blockchain.state()
+        observer = (self.identity.node_id, self._member_label(self.identity.node_id, state))
+        entries = sorted((entry for accesses in index.accesses.values() for entry in accesses),
+                         key=lambda entry: entry[0])
+        return [fhir.Access(entry[1]["id"], self._describe_access(entry),
+                            index.records[entry[1]["record"]][1].get("id"),
+                            self._member_label(entry[1]["signer"], state), observer) for entry in entries]
+
+    def _fhir_grants(self) -> list[fhir.Grant]:
+        index, state, chain = self.rules.index, self.blockchain.state(), self.blockchain.chain
+        grants = []
+        for grant_id, (block, tx) in sorted(index.grants.items(), key=lambda item: item[1][0]):
+            status = self._grant_status(grant_id)
+            records = [index.records[cid][1] for cid in status["records"] if cid in index.records]
+            revoked = status["revoked_in_block"]
+            grants.append(fhir.Grant(status, chain[block - 1]["timestamp"],
+                                     chain[revoked - 1]["timestamp"] if revoked and revoked <= len(chain) else None,
+                                     [record["user_id"] for record in records], [record["id"] for record in records],
+                                     self._member_label(status["owner"], state),
+                                     self._member_label(status["grantee"], state)))
+        return grants
+
     # -- life cycle ----------------------------------------------------------
 
     def start(self) -> None:
@@ -439,33 +553,79 @@ class Node:
 
     # -- consent (signed networks) ----------------------------------------------
 
-    def publish_record(self, file_path: Any, ehr_name: Any, user_id: Any) -> dict[str, Any]:
-        """Encrypt a file of the data directory with a fresh random key, add it to IPFS and record it, in one
-        call: the key is wrapped for this node (its owner) and the network's emergency members, never stored
-        or sent in the clear. The .aes file opens in any AES Crypt tool for whoever is given the key."""
-        state = self._signed_state()
+    def publish_record(self, file_path: Any, ehr_name: Any, user_id: Any, password: Any = None) -> dict[str, Any]:
+        """Encrypt a file of the data directory, add it to IPFS and record it, in one call.
+
+        On a signed network the key is a fresh random one, wrapped for this node (its owner) and the network's
+        emergency members, never stored or sent in the clear; on the paper's network it is the `password` the
+        patient shares. The .aes file opens in any AES Crypt tool for whoever is given the key."""
+        self._publish_checks(ehr_name, user_id, password)
         source = self._existing(file_path)
-        record_key = new_record_key()
+        return self._publish(source, source.name, ehr_name, user_id, password)
+
+    def publish_upload(self, stream: IO[bytes], filename: str, ehr_name: Any, user_id: Any,
+                       password: Any = None) -> dict[str, Any]:
+        """publish_record for a file sent in the request (a browser's upload): its plaintext is spooled into this
+        node's private folder (owner-only, under the state directory no request can name) and deleted when done,
+        whether the publishing succeeded or not; nothing of it is left in the data directory."""
+        self._publish_checks(ehr_name, user_id, password)
+        name = safe_file_name(filename, "record")
+        plain = self.uploads / f".publish-{uuid.uuid4().hex}.plain"
+        try:
+            try:
+                with os.fdopen(os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+                    while chunk := stream.read(PUBLISH_CHUNK_BYTES):
+                        out.write(chunk)
+            except OSError as exc:  # the disk is full, or the uploads folder is gone
+                raise Busy(f"the node cannot hold the upload in its private folder now ({exc.strerror or exc}); "
+                           f"try again later") from None
+            return self._publish(plain, name, ehr_name, user_id, password)
+        finally:
+            plain.unlink(missing_ok=True)
+
+    def _publish_checks(self, ehr_name: Any, user_id: Any, password: Any) -> None:
+        """Refuse a publish whose fields are wrong before any file is read, encrypted or added to IPFS."""
+        check_transaction({"user_id": user_id, "ipfs_hash": PLACEHOLDER_CID, "EHR_name": ehr_name})
+        if self.rules:
+            if password not in (None, ""):
+                raise BadInput("'password': on a signed network a record is encrypted with a key of its own, wrapped "
+                               "for its owner and the members it is granted to; send no password")
+        elif not isinstance(password, str) or not password:
+            raise BadInput("'password' is required on the paper's network: the record is encrypted (AES Crypt) with "
+                           "the password the patient shares")
+
+    def _publish(self, source: Path, name: str, ehr_name: Any, user_id: Any, password: Any) -> dict[str, Any]:
+        state = self._signed_state() if self.rules else None
+        record_key = new_record_key() if self.rules else password
         encrypted = self.uploads / f".publish-{uuid.uuid4().hex}{crypto.AES_SUFFIX}"
         try:
-            crypto.encrypt_file(source, encrypted, record_key)
+            try:
+                crypto.encrypt_file(source, encrypted, record_key)
+            except crypto.CryptoError as exc:  # name the file as the user did, not by its spooled path
+                raise type(exc)(name, exc.reason) from None
             with open(encrypted, "rb") as stream:
-                added = self.ipfs.add_file(NamedUpload(stream, safe_file_name(source.name + crypto.AES_SUFFIX,
+                added = self.ipfs.add_file(NamedUpload(stream, safe_file_name(name + crypto.AES_SUFFIX,
                                                                               "record.aes")))
         finally:
             encrypted.unlink(missing_ok=True)
-        cid, me = added["Hash"], self.identity.node_id
-        secret = record_key_bytes(record_key)
-        keys = {me: wrap_key(secret, self.identity.public().exchange_public_key, cid=cid, grantee=me).to_json()}
-        for member in self.rules.emergency_members(state):
-            if member.node_id != me:
-                keys[member.node_id] = wrap_key(secret, member.identity.exchange_public_key, cid=cid,
-                                                grantee=member.node_id, purpose=BREAK_GLASS_PURPOSE).to_json()
-        tx = check_transaction({"user_id": user_id, "ipfs_hash": cid, "EHR_name": ehr_name,
+        tx = check_transaction({"user_id": user_id, "ipfs_hash": added["Hash"], "EHR_name": ehr_name,
                                 "file_name": added["Name"], "file_size": added["Size"]})
-        receipt = self.network.add_transaction(self.rules.sign_transaction({**tx, "id": uuid.uuid4().hex,
-                                                                            "keys": keys}))
-        return {"IPFS Hash": added, "index": receipt.index, "id": receipt.transaction["id"]}
+        if state is None:
+            receipt = self.network.add_transaction({**tx, "id": uuid.uuid4().hex})
+            how = "encrypted with the password you gave (AES Crypt)"
+        else:
+            cid, me = added["Hash"], self.identity.node_id
+            secret = record_key_bytes(record_key)
+            keys = {me: wrap_key(secret, self.identity.public().exchange_public_key, cid=cid, grantee=me).to_json()}
+            for member in self.rules.emergency_members(state):
+                if member.node_id != me:
+                    keys[member.node_id] = wrap_key(secret, member.identity.exchange_public_key, cid=cid,
+                                                    grantee=member.node_id, purpose=BREAK_GLASS_PURPOSE).to_json()
+            receipt = self.network.add_transaction(self.rules.sign_transaction({**tx, "id": uuid.uuid4().hex,
+                                                                                "keys": keys}))
+            how = "encrypted with a key of its own"
+        return {"message": f"The record is {how}, on IPFS, and will be in Block {receipt.index}",
+                "IPFS Hash": added, "index": receipt.index, "id": receipt.transaction["id"]}
 
     def grant(self, record: Any, member: Any, expires: Any = "", purpose: Any = "",
               versions: Any = ALL_VERSIONS) -> Receipt:

@@ -171,6 +171,36 @@ def _operation(summary: str, ok: dict[int, Any], *errors: int, body: dict[str, A
     return operation
 
 
+FHIR_JSON = "application/fhir+json"
+_fhir_resource = {"type": "object", "properties": {"resourceType": {"type": "string"}}, "required": ["resourceType"]}
+
+
+def _page_operation(summary: str, media_types: list[str],
+                    parameters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    responses = {str(status): {"description": ERRORS[status], "content": {JSON: {"schema": _ref("Error")}}}
+                 for status in (*HEAD_ERRORS, 404)}
+    responses["200"] = {"description": "the file", "content": {media: {"schema": {"type": "string"}}
+                                                               for media in media_types}}
+    responses["304"] = {"description": "not modified since the copy the browser holds (ETag)"}
+    operation: dict[str, Any] = {"summary": summary, "tags": ["page"], "responses": responses}
+    if parameters:
+        operation["parameters"] = parameters
+    return operation
+
+
+def _fhir_operation(summary: str, parameters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    responses = {str(status): {"description": ERRORS[status], "content": {JSON: {"schema": _ref("Error")}}}
+                 for status in HEAD_ERRORS}
+    responses["200"] = {"description": "a FHIR resource", "content": {FHIR_JSON: {"schema": _fhir_resource}}}
+    for status in (400, 404):
+        responses[str(status)] = {"description": f"{ERRORS[status]}, as an OperationOutcome",
+                                  "content": {FHIR_JSON: {"schema": _fhir_resource}}}
+    operation: dict[str, Any] = {"summary": summary, "tags": ["fhir"], "responses": responses}
+    if parameters:
+        operation["parameters"] = parameters
+    return operation
+
+
 _message = {"type": "string"}
 _path_fields = {"file_path": _text("a path inside the node's data directory", maxLength=1024),
                 "password": {"type": "string", "minLength": 1, "maxLength": 1024, "format": "password"},
@@ -291,14 +321,23 @@ PATHS: dict[str, Any] = {
         body=_json_body(_object({"node_id": {"type": "string", "pattern": "^[a-z2-7]{52}$"}}, ["node_id"])),
         tag="membership")},
     "/publish_record": {"post": _operation(
-        "Signed network, patient: encrypt a file of the data directory with a fresh random key, add it to IPFS "
-        "and record it in one call; the key is wrapped for this node and the network's emergency members only",
+        "Patient: encrypt a file, add it to IPFS and record it, in one call: a file of the data directory (JSON) or "
+        "one sent in the request (multipart: file, EHR_name, user_id, password), e.g. from the node's page. On a "
+        "signed network the key is a fresh random one, wrapped for this node and the network's emergency members "
+        "only (send no password); on the paper's network it is the password the patient shares. An upload's "
+        "plaintext is spooled in the node's private folder and deleted when done, whatever the outcome",
         {201: _object({"message": _message, "IPFS Hash": _ref("FileInfo"), "index": {"type": "integer"},
                        "id": {"type": "string"}}, ["message", "IPFS Hash", "index", "id"])}, 404, 502, 503, 504,
-        body=_json_body(_object({"file_path": _path_fields["file_path"], "EHR_name": _text("the record's name"),
-                                 "user_id": _text("the paper's label for whom the record is about")},
-                                ["file_path", "EHR_name", "user_id"]),
-                        {"file_path": "MRI.pdf", "EHR_name": "MRI", "user_id": "xxxxx"}), tag="consent")},
+        body={"required": True, "content": {
+            JSON: {"schema": _object({"file_path": _path_fields["file_path"], "EHR_name": _text("the record's name"),
+                                      "user_id": _text("the paper's label for whom the record is about"),
+                                      "password": _path_fields["password"]}, ["file_path", "EHR_name", "user_id"]),
+                   "example": {"file_path": "MRI.pdf", "EHR_name": "MRI", "user_id": "xxxxx"}},
+            "multipart/form-data": {"schema": _object({
+                "file": {"type": "string", "format": "binary"}, "EHR_name": _text("the record's name"),
+                "user_id": _text("the paper's label for whom the record is about"),
+                "password": _path_fields["password"]}, ["file", "EHR_name", "user_id"])}}},
+        tag="consent")},
     "/grant": {"post": _operation(
         "Signed network, the record's owner: grant a member one record (a CID) or every version of one (a name), "
         "with an optional expiry and purpose; the key travels wrapped for that member (HPKE)",
@@ -356,6 +395,46 @@ PATHS: dict[str, Any] = {
                      "schema": {"type": "string", "enum": ["true", "false"]},
                      "description": "also ask every peer node for its copy (default true)"}],
         tag="records")},
+    "/files": {"get": {**_operation(
+        "Download a file of the node's data directory as an attachment (a record decrypted into downloads/, say); "
+        "never the node's own folder", {}, 404,
+        parameters=[{"name": "path", "in": "query", "required": True,
+                     "schema": _text("a path inside the data directory", maxLength=1024,
+                                     example="downloads/MRI.pdf")}]),
+        "x-streamed": True}},
+    "/network": {"get": _operation(
+        "This node and each peer: the role and id each says it has, its chain length now, how far behind the longest "
+        "it is (peers asked at once, within the peer timeout); on a signed network whether each id is a member's",
+        {200: _object({"longest": {"type": "integer"}, "nodes": {"type": "array", "items": _object({
+            "url": _message, "self": {"type": "boolean"}, "reachable": {"type": "boolean"},
+            "role": {"type": ["string", "null"]}, "node_id": {"type": ["string", "null"]},
+            "short_id": {"type": ["string", "null"]}, "length": {"type": ["integer", "null"]},
+            "pending": {"type": ["integer", "null"]}, "faults": {"type": "integer"}, "error": _message,
+            "member": {"type": ["boolean", "null"]}, "behind": {"type": ["integer", "null"]}},
+            ["url", "self", "reachable", "role", "node_id", "short_id", "length", "behind"])}},
+            ["longest", "nodes"])}, tag="network")},
+    "/": {"get": _page_operation("The node's web page for its role (static/index.html): chain, records, consent "
+                                 "and network views over this same API; served without the API key, which the "
+                                 "page asks for and sends as X-API-Key", ["text/html"])},
+    "/static/{filename}": {"get": _page_operation(
+        "A file of the web page (its script, stylesheet, icon); nothing it loads comes from elsewhere",
+        ["text/javascript", "text/css", "image/svg+xml", "text/html", "image/png"],
+        [{"name": "filename", "in": "path", "required": True,
+          "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,63}\\.(html|js|css|svg|png)$"}}])},
+    "/fhir/metadata": {"get": _fhir_operation("FHIR R4: the CapabilityStatement (what this node serves, read-only)")},
+    "/fhir/{resource_type}": {"get": _fhir_operation(
+        "FHIR R4 search: a searchset Bundle. DocumentReference (one per record version; subject=<user_id>, "
+        "description, status, identifier); on a signed network also AuditEvent (the opens and refusals: patient, "
+        "agent, entity, outcome) and Consent (the grants: patient, actor, status, data). An unknown parameter is "
+        "a 400 OperationOutcome",
+        [{"name": "resource_type", "in": "path", "required": True,
+          "schema": {"type": "string", "pattern": "^[A-Za-z]{1,64}$", "example": "DocumentReference"}},
+         {"name": "subject", "in": "query", "required": False, "schema": {"type": "string", "example": "xxxxx"}}])},
+    "/fhir/{resource_type}/{resource_id}": {"get": _fhir_operation(
+        "FHIR R4 read: one resource by its id (a transaction's id)",
+        [{"name": "resource_type", "in": "path", "required": True,
+          "schema": {"type": "string", "pattern": "^[A-Za-z]{1,64}$", "example": "DocumentReference"}},
+         {"name": "resource_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 200}}])},
     "/receive_transaction": {"post": _operation(
         "Node to node: a transaction gossiped by a peer",
         {201: _object({"index": {"type": "integer"}, "new": {"type": "boolean"}}, ["index", "new"]),

@@ -21,6 +21,7 @@ class Action(str, Enum):
     GOSSIP = "gossip"      # node to node: a peer's transaction or block (its content is checked, not its route)
     DESCRIBE = "describe"  # the API's own description
     HEALTH = "health"      # liveness, for monitors
+    PAGE = "page"          # the node's web page and its own files (static: no data in them, the API holds it)
 
 
 PATIENT = "patient"
@@ -30,15 +31,16 @@ ROLES = (PATIENT, HEALTHCARE_AUTHORITY, HEALTHCARE_PROVIDER)
 ROLE_ALIASES = {"healthcare": HEALTHCARE_AUTHORITY, "authority": HEALTHCARE_AUTHORITY,
                 "provider": HEALTHCARE_PROVIDER, "doctor": HEALTHCARE_PROVIDER}
 
-EVERY_ROLE = frozenset({Action.GOSSIP, Action.DESCRIBE, Action.HEALTH})
+EVERY_ROLE = frozenset({Action.GOSSIP, Action.DESCRIBE, Action.HEALTH, Action.PAGE})
 CARE_ROLE = EVERY_ROLE | {Action.READ, Action.FETCH, Action.MINE, Action.CONNECT}
 ROLE_ACTIONS: dict[str, frozenset[Action]] = {
     PATIENT: CARE_ROLE | {Action.RECORD, Action.GRANT},
     HEALTHCARE_AUTHORITY: CARE_ROLE | {Action.ADMIT},
     HEALTHCARE_PROVIDER: CARE_ROLE,
 }
-# Actions served without the network's API key: a monitor needs no secret to ask whether a node is up.
-OPEN_ACTIONS = frozenset({Action.HEALTH})
+# Actions served without the network's API key: a monitor needs no secret to ask whether a node is up, and a
+# browser cannot send a header when it opens the page: the page asks for the key and sends it on each API call.
+OPEN_ACTIONS = frozenset({Action.HEALTH, Action.PAGE})
 
 
 def canonical_role(role: str) -> str:
