@@ -95,20 +95,36 @@ def _closed_by_node(sock: socket.socket, size: int = 65536) -> tuple[bool, int]:
 
 
 @dataclass
-class SlowHeads:
+class Pressure:
+    """An attacker that keeps up its pressure in a thread of its own from start() until stop()."""
+
+    name: str = "attacker"
+    stats: Counter[str] = field(default_factory=Counter)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self, target: Target) -> None:
+        self._thread = threading.Thread(target=self._run, args=(target,), name=self.name, daemon=True)
+        self._thread.start()
+
+    def _run(self, target: Target) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        return dict(self.stats)
+
+
+@dataclass
+class SlowHeads(Pressure):
     """`count` sockets that send a request head one line every `interval` seconds and never finish it; one the node
     cuts off (its header_timeout) is replaced at once, so the pressure stays."""
 
     count: int = 100
     interval: float = 1.0
     name: str = "slow heads"
-    stats: Counter[str] = field(default_factory=Counter)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self, target: Target) -> None:
-        self._thread = threading.Thread(target=self._run, args=(target.port,), name=self.name, daemon=True)
-        self._thread.start()
 
     def _begin(self, port: int) -> socket.socket:
         sock = _open(port)
@@ -116,7 +132,8 @@ class SlowHeads:
         self.stats["connections"] += 1
         return sock
 
-    def _run(self, port: int) -> None:
+    def _run(self, target: Target) -> None:
+        port = target.port
         sockets = [self._begin(port) for _ in range(self.count)]
         line = 0
         while not self._stop.wait(self.interval):
@@ -135,15 +152,9 @@ class SlowHeads:
         for sock in sockets:
             sock.close()
 
-    def stop(self) -> dict[str, Any]:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-        return dict(self.stats)
-
 
 @dataclass
-class SlowReaders:
+class SlowReaders(Pressure):
     """`count` clients downloading the target's large file (GET /get_file) through a small receive buffer,
     taking `read_bytes` every `interval` seconds; each starts again when its download ends or is refused."""
 
@@ -151,13 +162,6 @@ class SlowReaders:
     read_bytes: int = 4096
     interval: float = 0.1
     name: str = "slow readers"
-    stats: Counter[str] = field(default_factory=Counter)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self, target: Target) -> None:
-        self._thread = threading.Thread(target=self._run, args=(target,), name=self.name, daemon=True)
-        self._thread.start()
 
     def _begin(self, target: Target) -> list[Any]:
         sock = _open(target.port, receive_buffer=64 * 1024)
@@ -189,15 +193,9 @@ class SlowReaders:
         for sock, _, _ in readers:
             sock.close()
 
-    def stop(self) -> dict[str, Any]:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-        return dict(self.stats)
-
 
 @dataclass
-class HostilePeers:
+class HostilePeers(Pressure):
     """`count` loopback servers posing as peers, each misbehaving its own way (dripping, endless, garbage,
     deeply nested and packed answers: scripts/hostile.py). They connect to the node as a node announces itself,
     and again every `interval` seconds, so that when the node drops one for its faults it comes back: the node
@@ -206,9 +204,6 @@ class HostilePeers:
     count: int = 10
     interval: float = 1.0
     name: str = "hostile peers"
-    stats: Counter[str] = field(default_factory=Counter)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
     _peers: list[Any] = field(default_factory=list)
 
     def start(self, target: Target) -> None:
@@ -216,11 +211,10 @@ class HostilePeers:
 
         kinds = [hostile.drip(1.0), hostile.endless_body(), hostile.garbage(), hostile.nested(), hostile.packed()]
         self._peers = [hostile.HostilePeer(kinds[number % len(kinds)]) for number in range(self.count)]
-        self._thread = threading.Thread(target=self._run, args=(target.port,), name=self.name, daemon=True)
-        self._thread.start()
+        super().start(target)
 
-    def _run(self, port: int) -> None:
-        api = Http(port, timeout=HEALTH_TIMEOUT)
+    def _run(self, target: Target) -> None:
+        api = Http(target.port, timeout=HEALTH_TIMEOUT)
         while True:
             for peer in self._peers:
                 try:
@@ -235,24 +229,22 @@ class HostilePeers:
         api.close()
 
     def stop(self) -> dict[str, Any]:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-        self.stats["requests the node made to them"] = sum(len(peer.asked) for peer in self._peers)
+        stats = super().stop()
+        stats["requests the node made to them"] = sum(len(peer.asked) for peer in self._peers)
         for peer in self._peers:
             peer.close()
-        return dict(self.stats)
+        return stats
 
 
 def make_attackers(args: Any) -> list[Attacker]:
     """The attack of one measured run; add another kind of attacker here."""
     attackers: list[Attacker] = []
     if args.hostile_peers:
-        attackers.append(HostilePeers(args.hostile_peers))
+        attackers.append(HostilePeers(count=args.hostile_peers))
     if args.slow_heads:
-        attackers.append(SlowHeads(args.slow_heads))
+        attackers.append(SlowHeads(count=args.slow_heads))
     if args.slow_readers:
-        attackers.append(SlowReaders(args.slow_readers))
+        attackers.append(SlowReaders(count=args.slow_readers))
     return attackers
 
 

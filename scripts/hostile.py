@@ -10,20 +10,15 @@ chunks, and the seconds to wait between chunks. Every server binds 127.0.0.1 onl
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
+from scripts.cluster import free_port
+
 Answer = Callable[[str, str], tuple[int, Any, float]]
 MIB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class HostilePeer:
