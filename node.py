@@ -14,9 +14,8 @@ import os
 import re
 import tempfile
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Iterable
 
 import crypto
 from blockchain import Block, Blockchain, Receipt, Transaction, hash_block, is_cid
@@ -39,17 +38,6 @@ SIZE_CACHE_ENTRIES = 100_000
 MAX_GOSSIP_BATCH = 1000
 CONNECT_EXAMPLE = '["http://127.0.0.1:5003"]'
 BLOCK_INDEX = re.compile(r"[0-9]{1,18}")
-
-
-@dataclass
-class NamedUpload:
-    """A file object ipfshttpclient adds under `name` (it takes the basename of `.name`)."""
-
-    stream: IO[bytes]
-    name: str
-
-    def read(self, size: int = -1) -> bytes:
-        return self.stream.read(size)
 
 
 def network_fingerprint(config: Config) -> dict[str, str]:
@@ -237,8 +225,13 @@ class Node:
     def create_hash(self, file_path: Any) -> dict[str, str]:
         return self.ipfs.add_file(self._existing(file_path))
 
-    def create_hash_from_upload(self, stream: IO[bytes], filename: str) -> dict[str, str]:
-        return self.ipfs.add_file(NamedUpload(stream, safe_file_name(filename, "upload")))  # type: ignore[arg-type]
+    def create_hash_from_upload(self, chunks: Iterable[bytes], filename: str) -> dict[str, str]:
+        """Add an uploaded file to IPFS as its bytes arrive (`chunks`), under a safe form of its name.
+
+        Nothing is written here: the bytes go on to Kubo as they come, and an upload that breaks off (or that
+        `chunks` finds malformed, raising) breaks the add off too, so nothing is added.
+        """
+        return self.ipfs.add_stream(chunks, safe_file_name(filename, "upload"))
 
     def file_info(self, name: Any) -> dict[str, Any]:
         """The newest mined record matching `name` and every version of it, newest first."""
