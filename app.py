@@ -52,10 +52,12 @@ BODY_TYPES: dict[str, tuple[str, ...]] = {UPLOAD_ENDPOINT: (JSON_TYPE, MULTIPART
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 DOWNLOAD_CHUNK_BYTES = 256 * 1024
 UPLOAD_READ_BYTES = 1024 * 1024  # read from an upload's body at a time
-# Set by server.py's NodeTask in every request it serves: the server ends wsgi.input where the body ends and
-# holds it to the endpoint's limit (a refusal is an errors.py class raised from read), so the app reads it
-# directly rather than through Werkzeug's LimitedStream, which would copy every read and turn those refusals
-# into its own ClientDisconnected.
+# Set by server.py's NodeTask in every request it serves. AFTER_RESPONSE: a list for work to run in the request's
+# thread once the answer has begun (a large download is filled from IPFS while it is sent). BODY_BOUNDED: the
+# server ends wsgi.input where the body ends and holds it to the endpoint's limit (a refusal is an errors.py
+# class raised from read), so the app reads it directly rather than through Werkzeug's LimitedStream, which
+# would copy every read and turn those refusals into its own ClientDisconnected.
+AFTER_RESPONSE = "emr.after_response"
 BODY_BOUNDED = "emr.body_bounded"
 UPLOAD_HEAD_BYTES = 64 * 1024    # an upload's bytes around its file (preamble, part headers, epilogue) at most
 CORS_REQUEST_HEADERS = "Authorization, Content-Type, X-API-Key"
@@ -383,8 +385,22 @@ def get_file() -> Any:
 @serves(Action.FETCH)
 def download_file() -> Any:
     # A file, not an iterator: waitress sends a wsgi.file_wrapper from its own I/O thread, so a client that
-    # reads slowly holds a spooled file (bounded by max_spool_bytes), never a worker thread.
+    # reads slowly holds a spooled download (bounded by max_spool_bytes), never a worker thread. A large one is
+    # filled from IPFS after the answer has begun (AFTER_RESPONSE), so its bytes go out as they arrive; a server
+    # that cannot do that gets it whole.
     name, size, spooled = current_node().stream_file(request.args.get("ipfs_hash", ""))
+    if not spooled.filled:
+        after = request.environ.get(AFTER_RESPONSE)
+        if after is not None and request.method == "GET":
+            after.append(spooled.fill)
+        else:
+            try:
+                spooled.fill()
+            except BaseException:
+                spooled.close()
+                raise
+    if request.method == "HEAD":  # the headers only: nothing will read or close the download
+        spooled.close()
     fallback = name.encode("ascii", "replace").decode().replace("?", "_").replace('"', "_")
     headers = {"Content-Disposition": f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name)}",
                "Content-Length": str(size)}

@@ -17,7 +17,9 @@ and tests/test_server.py fails if an internal used here changes):
 - NodeServer checks those deadlines every second (waitress's maintenance), and is accepted by poll() where the
   platform has it, so connection_limit can be well above 1024 sockets; on Windows select() takes 500 at most.
 Downloads reach waitress as files (wsgi.file_wrapper, app.download_file), which its I/O thread sends at the
-reader's pace: a reader that does not read holds a spooled file, never a worker thread.
+reader's pace: a reader that does not read holds a spooled file, never a worker thread. A large download is filled
+from IPFS by its request's thread after the answer has begun (NodeTask runs app.AFTER_RESPONSE), and NodeChannel
+waits for its bytes instead of polling for them.
 
 Uploads stream. waitress reads a whole body (spooled to a temporary file past 512 KiB) before the app may see it;
 for a multipart upload to create_hash that would mean copying the file twice before Kubo reads it. So when such a
@@ -47,10 +49,11 @@ import waitress.server
 import waitress.utilities
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
+from waitress.buffers import ReadOnlyFileBasedBuffer
 from waitress.parser import HTTPRequestParser
 from waitress.task import ThreadedTaskDispatcher, WSGITask
 
-from app import BODY_BOUNDED, TOO_LARGE, Gate, create_app, status_for
+from app import AFTER_RESPONSE, BODY_BOUNDED, TOO_LARGE, Gate, create_app, status_for
 from config import LOOPBACK_HOSTS, Config, load_config
 from errors import BadInput, NodeError, RequestTimeout, TooLarge
 from node import Node, migrate_state
@@ -306,14 +309,26 @@ class NodeParser(HTTPRequestParser):
 # -- serving: work after the answer has begun, and streamed bodies -------------------------
 
 class NodeTask(WSGITask):
-    """waitress's task for one request, which tells the app what this server does for it (app.BODY_BOUNDED), and
-    closes a connection whose streamed body was answered before it was whole (the rest of it cannot be read as
-    the next request)."""
+    """waitress's task for one request, which tells the app what this server does for it (app.AFTER_RESPONSE,
+    app.BODY_BOUNDED), runs the app's after-response work, and closes a connection whose streamed body was
+    answered before it was whole (the rest of it cannot be read as the next request)."""
 
     def get_environment(self) -> dict[str, Any]:
         environ = super().get_environment()
+        environ.setdefault(AFTER_RESPONSE, [])
         environ[BODY_BOUNDED] = True
         return environ
+
+    def execute(self) -> None:
+        jobs = self.get_environment()[AFTER_RESPONSE]
+        try:
+            super().execute()
+        finally:
+            for job in jobs:  # e.g. a download's fill from IPFS, while the I/O thread sends what has arrived
+                try:
+                    job(self.channel.server.pull_trigger)
+                except Exception as exc:  # the answer has begun: all that is left is to end it short
+                    log.warning("%s %s: the answer was cut short: %s", self.request.command, self.request.path, exc)
 
     def build_response_header(self) -> bytes:
         pipe = getattr(self.request, "pipe", None)
@@ -326,8 +341,8 @@ class NodeTask(WSGITask):
 # -- deadlines and a gentle close ----------------------------------------------------
 
 class NodeChannel(HTTPChannel):
-    """One connection: waitress's channel with deadlines, a gentle close after a refusal, and streamed upload
-    bodies."""
+    """One connection: waitress's channel with deadlines, a gentle close after a refusal, streamed upload bodies
+    and downloads sent while they are still being filled."""
 
     task_class = NodeTask
     refused = False     # an answer refused a request: close after it, gently
@@ -377,7 +392,26 @@ class NodeChannel(HTTPChannel):
         return super().readable()
 
     def writable(self) -> bool:
-        return self.will_close if self.lingering else super().writable()
+        if self.lingering:
+            return self.will_close
+        download = self._download_ahead()
+        if download is not None and not self.will_close:
+            if download.broken():  # its transfer failed: end the answer short, by closing
+                self.will_close = True
+                return True
+            if download.waiting():  # its next bytes are still on their way: fill() will wake us
+                return False
+        return super().writable()
+
+    def _download_ahead(self) -> Any:
+        """The download (app.download_file's) whose bytes are next to be sent, if any."""
+        if not self.total_outbufs_len:
+            return None
+        for outbuf in self.outbufs:
+            if len(outbuf):
+                source = getattr(outbuf, "file", None) if isinstance(outbuf, ReadOnlyFileBasedBuffer) else None
+                return source if hasattr(source, "waiting") else None
+        return None
 
     def handle_read(self) -> None:
         if self.lingering:
