@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import queue
 import re
 import tempfile
 import threading
@@ -24,7 +25,7 @@ from errors import BadInput, Busy, Conflict, InvalidBlock, IpfsError, NodeError,
 from ipfs_client import IpfsClient
 from mining import Miner
 from network import NODE_HEADER, Network, peer_netloc
-from storage import MAX_NAME_BYTES, confine_path, safe_file_name, written_atomically
+from storage import MAX_NAME_BYTES, confine_path, safe_file_name
 from store import LEGACY_STATE_FILE, STORE_FILE, Store, legacy_state_file, migrate_legacy_state
 
 __all__ = ["NODE_HEADER", "Node"]
@@ -276,10 +277,7 @@ class Node:
         cid = _checked_cid(cid)
         destination = self.downloads / self._download_name(cid)
         size, chunks = self.ipfs.open(cid)
-        # Not fsync'd: a download lost to a power cut is fetched again; the rename still keeps it whole.
-        with written_atomically(destination, durable=False) as out:
-            for chunk in chunks:
-                out.write(chunk)
+        write_download(destination, size, chunks)
         return self._relative(destination), size
 
     def stream_file(self, cid: Any) -> tuple[str, int, "SpooledDownload"]:
@@ -546,7 +544,10 @@ class SpooledDownload:
         try:
             if self._spill is not None:
                 with self._file_lock:
-                    self._spill.close()
+                    if self._spilled:
+                        close_later(self._spill)  # freeing what it holds is no work for the I/O thread
+                    else:
+                        self._spill.close()
         finally:
             self._release()
 
@@ -558,6 +559,77 @@ class SpooledDownload:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def write_download(destination: Path, size: int, chunks: Iterable[bytes]) -> None:
+    """Write a download of `size` bytes beside `destination` (owner-only) and rename it into place only once it
+    is whole, as storage.written_atomically does. Not fsync'd: a download lost to a power cut is fetched again.
+
+    Replacing a file costs more than writing a new one, and two of those costs are kept off the request
+    (measured on ext4: 10 of 45 ms for 16 MiB, 0.19 of 0.31 ms for 64 KB). The new file's blocks are reserved
+    before it is written (posix_fallocate), so the rename does not first allocate them and start flushing them
+    (ext4's auto_da_alloc, meant for files written without fsync); and the file it replaces is held open across
+    the rename and let go by a thread of its own (close_later), so its blocks are freed there, not inside the
+    rename. Neither changes what a reader of the path sees: the old file whole, then the new one whole.
+    """
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=".part-")
+    try:
+        try:
+            if size > 0 and hasattr(os, "posix_fallocate"):
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError:  # a filesystem without it: the blocks are taken as written
+                    pass
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        replaced = None
+        if os.name == "posix":  # (Windows cannot rename over an open file)
+            try:
+                replaced = os.open(destination, os.O_RDONLY)
+            except OSError:
+                pass
+        try:
+            os.replace(temp_name, destination)
+        finally:
+            if replaced is not None:
+                close_later(replaced)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+_to_close: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+_closer_lock = threading.Lock()
+_closer: threading.Thread | None = None
+
+
+def close_later(handle: Any) -> None:
+    """Close a file descriptor (or file) on the closer thread: the last close of a large unlinked file frees its
+    blocks, which takes milliseconds a request, or the server's I/O thread, should not wait for."""
+    global _closer
+    if _closer is None:
+        with _closer_lock:
+            if _closer is None:
+                _closer = threading.Thread(target=_close_queued, name="closer", daemon=True)
+                _closer.start()
+    _to_close.put(handle)
+
+
+def _close_queued() -> None:
+    while True:
+        handle = _to_close.get()
+        try:
+            if isinstance(handle, int):
+                os.close(handle)
+            else:
+                handle.close()
+        except OSError:
+            pass
 
 
 def _checked_cid(cid: Any) -> str:
