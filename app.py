@@ -197,12 +197,12 @@ class MultipartUpload:
             if first:
                 raise BadInput(f"a multipart upload needs the file in the '{UPLOAD_FIELD}' field")
             return
-        if isinstance(event, Field) or (isinstance(event, File) and event.name != UPLOAD_FIELD):
+        if isinstance(event, (Field, File)):
             refuse_unknown([event.name], (UPLOAD_FIELD,))
-        if isinstance(event, File) and not first:
-            raise BadInput(f"the upload holds more than one file; send one file in the '{UPLOAD_FIELD}' field")
-        if isinstance(event, File) and not event.filename:
-            raise BadInput(f"a multipart upload needs the file in the '{UPLOAD_FIELD}' field")
+            if not first:
+                raise BadInput(f"the upload holds more than one file; send one file in the '{UPLOAD_FIELD}' field")
+            if isinstance(event, Field) or not event.filename:
+                raise BadInput(f"a multipart upload needs the file in the '{UPLOAD_FIELD}' field")
 
     def chunks(self) -> Iterator[bytes | memoryview]:
         """The file's bytes as they are read; then the rest of the body is checked before the end is reached."""
