@@ -389,9 +389,11 @@ def download_file() -> Any:
     # filled from IPFS after the answer has begun (AFTER_RESPONSE), so its bytes go out as they arrive; a server
     # that cannot do that gets it whole.
     name, size, spooled = current_node().stream_file(request.args.get("ipfs_hash", ""))
-    if not spooled.filled:
+    if request.method == "HEAD":  # the headers only: nothing will read or close the download
+        spooled.close()
+    elif not spooled.filled:
         after = request.environ.get(AFTER_RESPONSE)
-        if after is not None and request.method == "GET":
+        if after is not None:
             after.append(spooled.fill)
         else:
             try:
@@ -399,8 +401,6 @@ def download_file() -> Any:
             except BaseException:
                 spooled.close()
                 raise
-    if request.method == "HEAD":  # the headers only: nothing will read or close the download
-        spooled.close()
     fallback = name.encode("ascii", "replace").decode().replace("?", "_").replace('"', "_")
     headers = {"Content-Disposition": f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name)}",
                "Content-Length": str(size)}

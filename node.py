@@ -432,6 +432,7 @@ class SpooledDownload:
         self.filled = False  # fill() ended: with every byte, or failed
         self.failed = False
         self.closed = False
+        self._fill_started = False
 
     # -- the filling thread ----------------------------------------------------
 
@@ -439,6 +440,10 @@ class SpooledDownload:
         """Copy the file from IPFS, calling `wake` (the server's) as pieces arrive. What the transfer raises is
         raised again: the reader gets what arrived and no more, so the answer is cut short."""
         chunks = self._chunks
+        with self._lock:
+            if self.closed:  # closed before it was filled (a HEAD request, say): close() let go of the transfer
+                return
+            self._fill_started = True
         try:
             for chunk in chunks:
                 if self.closed:  # the reader is gone
@@ -541,6 +546,12 @@ class SpooledDownload:
             self.closed = True
             self._segments.clear()
             self._cache = (0, b"")
+            unread = not self._fill_started
+        if unread:  # never filled: let go of the transfer (and its connection to Kubo) now
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()
+            self.filled = True
         try:
             if self._spill is not None:
                 with self._file_lock:

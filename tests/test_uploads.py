@@ -111,6 +111,8 @@ def test_every_size_goes_up_and_comes_back_byte_for_byte(node_with, kubo, tmp_pa
                                 timeout=60)
         assert chunked.status_code == 200 and chunked.json()["IPFS Hash"]["Hash"] == cid, chunked.text
 
+        head = requests.head(node.url + f"/get_file?ipfs_hash={cid}", timeout=60)
+        assert head.status_code == 200 and head.headers["Content-Length"] == str(size) and not head.content
         streamed = requests.get(node.url + f"/get_file?ipfs_hash={cid}", timeout=60)
         assert streamed.status_code == 200 and streamed.content == data, name
         fetched = node.post("/get_file", {"ipfs_hash": cid})
