@@ -307,7 +307,7 @@ class Node:
             budget.release(size)
             raise Busy(f"the node cannot hold the download in {self.uploads} now ({exc.strerror or exc}); "
                        f"try again later") from None
-        download = SpooledDownload(size, chunks, spill, functools.partial(budget.release, size))
+        download = SpooledDownload(size, chunks, spill, functools.partial(budget.release, size), self._spool_memory)
         if spill is None:
             try:
                 download.fill()
@@ -319,6 +319,10 @@ class Node:
     @functools.cached_property
     def _spool_budget(self) -> "SpoolBudget":
         return SpoolBudget(self.config.max_spool_bytes)
+
+    @functools.cached_property
+    def _spool_memory(self) -> "SpoolBudget":
+        return SpoolBudget(SPOOL_MEMORY_BYTES)
 
     # -- encryption ----------------------------------------------------------
 
@@ -379,7 +383,10 @@ class Node:
 
 
 SPOOL_IN_MEMORY_BYTES = 1024 * 1024  # a download this small is filled at once, in memory; larger ones as sent
-SPOOL_MEMORY_BYTES = 2 * 1024 * 1024  # a download's bytes not yet sent, held in memory; beyond, in its file
+# Bytes of large downloads arrived and not yet sent, held in memory by the whole node; beyond, each download puts
+# what arrives in its file. (A per-download window of 2 MiB made even a fast reader's download spill 2 to 8 MiB of
+# 16 MiB, and pay a write and a read for each of those bytes.)
+SPOOL_MEMORY_BYTES = 32 * 1024 * 1024
 SPOOL_READ_BYTES = 1024 * 1024  # read from a download's file at a time (the server sends a socket's worth of it)
 
 
@@ -408,16 +415,19 @@ class SpooledDownload:
     (waitress's I/O thread) reads it at the client's pace as a file (read, seek, tell: it is sent as a
     wsgi.file_wrapper of `size` bytes).
 
-    The bytes are a run of segments in arrival order. While the reader keeps up (less than SPOOL_MEMORY_BYTES
-    arrived and not sent), a piece is kept in memory as it came; when the reader is behind, the piece goes to
-    `spill`, a temporary file that disappears when closed, and later ones to memory again once it has caught
-    up. `read` never waits: it gives what has arrived (b"" if nothing yet), as a view of the piece where it can
+    The bytes are a run of segments in arrival order. A piece is kept in memory as it came while `memory` (the
+    node's budget for such pieces, SPOOL_MEMORY_BYTES, shared by its downloads) has room for it; else it goes
+    to `spill`, a temporary file that disappears when closed, and later ones to memory again once readers have
+    taken enough. `read` never waits: it gives what has arrived (b"" if nothing yet), as a view of the piece where it can
     (no copy), and `waiting()` tells the server to wait for `fill`'s wake-up rather than ask again. The bytes
     count against the node's SpoolBudget until the download is closed, by whichever thread finishes with it.
     """
 
-    def __init__(self, size: int, chunks: Iterator[bytes], spill: IO[bytes] | None, release: Any) -> None:
+    def __init__(self, size: int, chunks: Iterator[bytes], spill: IO[bytes] | None, release: Any,
+                 memory: SpoolBudget | None = None) -> None:
         self.size = size
+        self._memory = memory  # (a download without a spill file is small, and held in memory whole)
+        self._in_memory = 0  # bytes of this download counted against `memory`
         self._chunks = chunks
         self._spill = spill
         self._spilled = 0  # bytes written to the spill file
@@ -464,10 +474,11 @@ class SpooledDownload:
 
     def _append(self, chunk: bytes) -> None:
         with self._lock:
-            behind = self._arrived - self._position
-            if self._spill is None or behind + len(chunk) <= SPOOL_MEMORY_BYTES:
+            if self._spill is None or self._memory is None or self._memory.reserve(len(chunk)):
                 self._segments.append([self._arrived, chunk, len(chunk), 0])
                 self._arrived += len(chunk)
+                if self._spill is not None and self._memory is not None:
+                    self._in_memory += len(chunk)
                 return
             file_offset = self._spilled
             self._spilled += len(chunk)
@@ -495,7 +506,10 @@ class SpooledDownload:
                 return b""
             segments = self._segments
             while segments[0][0] + segments[0][2] <= position:  # sent: let it go
-                segments.popleft()
+                gone = segments.popleft()
+                if gone[1] is not None and self._in_memory:
+                    self._in_memory -= gone[2]
+                    self._memory.release(gone[2])  # type: ignore[union-attr]
             start, data, length, file_offset = segments[0]
             offset = position - start
             count = length - offset if size < 0 else min(size, length - offset)
@@ -547,6 +561,9 @@ class SpooledDownload:
             self._segments.clear()
             self._cache = (0, b"")
             unread = not self._fill_started
+            if self._in_memory:
+                self._memory.release(self._in_memory)  # type: ignore[union-attr]
+                self._in_memory = 0
         if unread:  # never filled: let go of the transfer (and its connection to Kubo) now
             close = getattr(self._chunks, "close", None)
             if close is not None:

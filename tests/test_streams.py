@@ -12,7 +12,7 @@ from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDeco
 
 from app import UPLOAD_HEAD_BYTES, MultipartUpload
 from errors import BadInput, NodeError, RequestTimeout
-from node import SPOOL_MEMORY_BYTES, SpooledDownload
+from node import SpoolBudget, SpooledDownload
 from server import BodyPipe
 
 BOUNDARY = b"xyzB0und"
@@ -140,8 +140,8 @@ def send_as_waitress(download: SpooledDownload, rng: random.Random, out: bytearr
 def test_a_download_is_sent_whole_while_it_arrives(tmp_path, reader: str) -> None:
     data = os.urandom(9 * MIB + 77)
     pieces = [data[i:i + 256 * 1024] for i in range(0, len(data), 256 * 1024)]
-    budget = Budget()
-    download = SpooledDownload(len(data), iter(pieces), open(tmp_path / "spill", "w+b"), budget.release)
+    budget, memory = Budget(), SpoolBudget(2 * MIB)  # the node's memory for unsent bytes: 2 MiB here
+    download = SpooledDownload(len(data), iter(pieces), open(tmp_path / "spill", "w+b"), budget.release, memory)
     assert download.seek(0, 2) == len(data) and download.seek(0) == 0  # what waitress's prepare() does
     rng, sent = random.Random(7), bytearray()
     chunks = iter(pieces)
@@ -156,10 +156,11 @@ def test_a_download_is_sent_whole_while_it_arrives(tmp_path, reader: str) -> Non
         send_as_waitress(download, rng, sent)
     assert bytes(sent) == data and download.read(10) == b"" and not download.waiting()
     spilled = download._spilled
-    assert (spilled == 0) if reader == "keeps up" else (0 < spilled < len(data) - SPOOL_MEMORY_BYTES)
+    assert (spilled == 0) if reader == "keeps up" else (0 < spilled < len(data) - 2 * MIB)
+    assert memory.used <= 2 * MIB
     download.close()
     download.close()
-    assert budget.released == 1
+    assert budget.released == 1 and memory.used == 0
 
 
 def test_a_download_that_fails_half_way_ends_short_and_gives_its_bytes_back() -> None:
