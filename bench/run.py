@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, Cluster, Http, kubo_version, log  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BENCH_MAX_PEERS = 10_000
 ITEMS = {"1": "fig5", "2": "overhead", "3": "load", "4": "pow", "5": "scale", "6": "size", "7": "attack",
          "8": "persist"}
 QUICK = {"runs": 8, "overhead_rounds": 10, "overhead_mib": 4, "load_seconds": 3.0, "load_rounds": 1, "pow_rounds": 2, "mine_blocks": 10,
@@ -158,7 +159,8 @@ def setup(ctx: Context) -> None:
     log("starting Kubo and the nodes")
     ctx.kubo = ctx.cluster.kubo("main")
     ctx.fig5_node = ctx.cluster.node("fig5", ctx.kubo)
-    ctx.connect_node = ctx.cluster.node("connect", ctx.kubo)
+    # connect_node is timed to a new peer each run: more runs than max_peers (32) would be refused (409)
+    ctx.connect_node = ctx.cluster.node("connect", ctx.kubo, max_peers=BENCH_MAX_PEERS)
     write_sample_record(ctx.fig5_node.data_dir / "MRI.pdf")
     api = Http(ctx.fig5_node.port)
     api.json("POST", "/encrypt_file", {"file_path": "MRI.pdf", "password": "bench-setup", "output_path": "MRI.pdf.aes",
