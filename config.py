@@ -94,6 +94,9 @@ class Config:
                                          "then the request is answered 408 and the connection closed")
     connection_limit: int = _setting(1000, "open connections served at once (more wait to be accepted); "
                                            "at most 500 where the platform has no poll(), as on Windows")
+    upload_streams: int = _setting(4, "multipart uploads to create_hash passed on to IPFS as they arrive, at "
+                                      "once, each on a thread of its own (not a request thread); more uploads "
+                                      "are read whole first, as other requests (0: every one)")
     max_spool_bytes: int = _setting(4 * GIB, "bytes of GET /get_file downloads held in the data directory at "
                                              "once for clients still reading them; beyond it a download gets 503")
     allowed_hosts: str = _setting("", "comma-separated extra names this node answers to in the Host header "
@@ -136,6 +139,8 @@ class Config:
         if not self.pin_timeout > 0 or self.pin_workers < 1 or not self.pin_retry_max > 0:
             return (f"{setting_names('pin_timeout')} and {setting_names('pin_retry_max')} must be more than 0 "
                     f"seconds, {setting_names('pin_workers')} at least 1")
+        if self.upload_streams < 0:
+            return f"{setting_names('upload_streams')} must not be negative"
         if self.max_spool_bytes < 0:
             return f"{setting_names('max_spool_bytes')} must not be negative"
         for origin in self.origin_list:

@@ -171,9 +171,16 @@ def rss_bytes(pid: int) -> int | None:
 
 def cpu_seconds(pid: int) -> float | None:
     """utime + stime of a process, in seconds."""
+    split = cpu_split(pid)
+    return None if split is None else split[0] + split[1]
+
+
+def cpu_split(pid: int) -> tuple[float, float] | None:
+    """(utime, stime) of a process, in seconds: its own code, and the kernel's work for it (copies, syscalls)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
     except (OSError, ValueError, IndexError):
         return None
 
@@ -367,6 +374,6 @@ def timed_call(function: Callable[[], Any]) -> tuple[float, Any]:
 
 
 __all__ = ["ROOT", "MB", "MIB", "SAMPLE_SIZE", "Cluster", "DevServer", "Http", "Kubo", "NodeProcess", "PeakWatch",
-           "cpu_seconds", "free_port", "interleaved", "kubo_pid", "kubo_version", "log", "multipart", "node_args",
+           "cpu_seconds", "cpu_split", "free_port", "interleaved", "kubo_pid", "kubo_version", "log", "multipart", "node_args",
            "peak_rss_bytes", "quantile", "ratio", "reset_peak_rss", "rss_bytes", "summarize", "timed_call",
            "wait_for_health", "write_sample_record"]

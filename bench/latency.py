@@ -9,14 +9,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from common import (Http, MB, MIB, SAMPLE_SIZE, free_port, interleaved, log, multipart, ratio, summarize,
-                    write_sample_record)
+from common import (Http, MB, MIB, SAMPLE_SIZE, cpu_split, free_port, interleaved, kubo_pid, log, multipart, ratio,
+                    summarize, write_sample_record)
 
 # The paper's seven endpoints (Fig. 5), then the two encryption steps this node adds.
 PAPER_FUNCTIONS = ("create_hash", "add_transaction", "mine_block", "connect_node", "get_chain", "get_file_hash",
                    "get_file")
 FUNCTIONS = PAPER_FUNCTIONS + ("encrypt_file", "decrypt_file")
-OVERHEAD_GOAL = 0.20
+# Issue #15's goals, as ratios of medians from one interleaved run. The floor of a node call is Kubo's own call
+# plus one empty request to the node (GET /health): two HTTP hops cannot cost less than that.
+SMALL_GOALS = {"get_file (GET, streamed)": 1.3, "get_file (POST, to disk)": 1.5}  # x the floor, 64 KB
+LARGE_GOALS = {"create_hash (upload)": 1.2, "get_file (GET, streamed)": 1.2,   # x Kubo's own call, 16 MiB
+               "get_file (POST, to disk)": 1.2}
+DIRECT = {"create_hash (file_path)": "kubo add (RPC)", "create_hash (upload)": "kubo add (RPC)",
+          "get_file (POST, to disk)": "kubo cat (RPC)", "get_file (GET, streamed)": "kubo cat (RPC)"}
 
 
 def fig5(ctx: Any) -> dict[str, Any]:
@@ -109,7 +115,7 @@ def overhead(ctx: Any) -> dict[str, Any]:
     small = compare(ctx, data_dir / "MRI.pdf.aes", rounds, with_floor=True)
     result: dict[str, Any] = {"sizes": [small], "goals": list(small.pop("goals"))}
     if ctx.args.overhead_mib > 0:
-        big_rounds = max(5, rounds // 5)
+        big_rounds = max(5, 2 * rounds // 5)  # 20 by default: each 16 MiB round takes about half a second
         log(f"item 2: the same at {ctx.args.overhead_mib} MiB, {big_rounds} rounds")
         path = data_dir / f"overhead-{ctx.args.overhead_mib}mib.bin"
         path.write_bytes(os.urandom(ctx.args.overhead_mib * MIB))
@@ -123,7 +129,25 @@ def overhead(ctx: Any) -> dict[str, Any]:
         result["sizes"].append(large)
         result["goals"] += large.pop("goals")
     result["breakdown"] = breakdown(ctx, data_dir / "MRI.pdf.aes", small["cid"], rounds)
+    explain_small_misses(result["goals"], result["breakdown"])
     return result
+
+
+def explain_small_misses(goals: list[dict[str, Any]], parts: dict[str, Any]) -> None:
+    """A 64 KB goal missed: say which of the node's own steps (timed in-process) the time over the goal is."""
+    table = parts.get("latency_ms")
+    if not table:
+        return
+    median = {name: values["median"] for name, values in table.items()}
+    adapter = median["IpfsClient.open, read to the end (get_file's cat)"] - median["Kubo cat via keep-alive http.client"]
+    for goal in goals:
+        if goal["met"] is not False or "KB" not in goal["name"]:
+            continue
+        steps = f"reading Kubo's answer through the node's adapter costs {adapter:+.2f} ms over a bare connection"
+        if "POST" in goal["node"]:
+            steps += (f", and writing the file {median['write_download over the last copy (POST get_file)']:.2f} ms "
+                      f"(a plain write without rename: {median['write, no rename, no fsync']:.2f} ms)")
+        goal["miss"] += f"; in-process, {steps}; the rest is Flask and waitress around a second request"
 
 
 def compare(ctx: Any, path: Path, rounds: int, with_floor: bool) -> dict[str, Any]:
@@ -162,44 +186,82 @@ def compare(ctx: Any, path: Path, rounds: int, with_floor: bool) -> dict[str, An
     if with_floor:  # the node's floor: a request that does nothing
         calls["GET /health (floor)"] = lambda: api.json("GET", "/health")
     samples: dict[str, list[float]] = {name: [] for name in calls}
+    # CPU of the node and of Kubo per call (from /proc, read outside the timed call; 10 ms ticks, so summed)
+    pids = {"node": node.pid, "kubo": kubo_pid(kubo)}
+    cpu: dict[str, dict[str, float]] = {name: {"node": 0.0, "node kernel": 0.0, "kubo": 0.0} for name in calls}
     for name in calls:  # warm-up
         calls[name]()
     for _, name in interleaved(list(calls), rounds):
+        before = {who: cpu_split(pid) if pid else None for who, pid in pids.items()}
         started = time.perf_counter()
         calls[name]()
         samples[name].append(time.perf_counter() - started)
+        for who, pid in pids.items():
+            after = cpu_split(pid) if pid else None
+            if after is not None and before[who] is not None:
+                cpu[name][who] += sum(after) - sum(before[who])
+                if who == "node":
+                    cpu[name]["node kernel"] += after[1] - before[who][1]
     table = {name: summarize(values, 1000) for name, values in samples.items()}
-    pairs = (("create_hash (file_path)", "kubo add (RPC)"), ("create_hash (upload)", "kubo add (RPC)"),
-             ("get_file (POST, to disk)", "kubo cat (RPC)"), ("get_file (GET, streamed)", "kubo cat (RPC)"))
-    comparisons, goals = [], []
+    cpu_ms = {name: {who: seconds * 1000 / max(1, len(samples[name])) for who, seconds in used.items()}
+              for name, used in cpu.items()}
     label = f"{len(data) / 1e3:.1f} KB" if len(data) < MIB else f"{len(data) / MIB:g} MiB"
-    for node_side, direct in pairs:
-        extra = ratio(table[node_side]["median"], table[direct]["median"]) - 1
+    median = {name: table[name]["median"] for name in table}
+    comparisons, goals = [], []
+    for node_side, direct in DIRECT.items():
+        extra = ratio(median[node_side], median[direct]) - 1
         # the same round's pair: robust against the machine's load drifting during the run
         paired = summarize([a / b - 1 for a, b in zip(samples[node_side], samples[direct])])
-        added_ms = table[node_side]["median"] - table[direct]["median"]
         comparisons.append({"node": node_side, "direct": direct, "overhead": extra, "paired_overhead": paired,
-                            "added_ms": added_ms})
-        met = extra <= OVERHEAD_GOAL
-        goals.append({
-            "item": "2", "name": f"{node_side} over {direct}, {label}",
-            "goal": f"node adds <= {OVERHEAD_GOAL:.0%}",
-            "measured": f"+{extra:.0%} ({table[node_side]['median']:.2f} vs {table[direct]['median']:.2f} ms median, "
-                        f"+{added_ms:.2f} ms)",
-            "met": met, "miss": None if met else f"by {(extra - OVERHEAD_GOAL) * 100:.0f} percentage points",
-        })
+                            "added_ms": median[node_side] - median[direct], "cpu_ms": cpu_ms[node_side],
+                            "direct_cpu_ms": cpu_ms[direct]})
+    goals_here = SMALL_GOALS if with_floor else LARGE_GOALS
+    for node_side, direct in DIRECT.items():
+        # CPU from /proc ticks (10 ms) summed over the rounds: meaningful for the large size only
+        cost = "" if with_floor else (f"node CPU {cpu_ms[node_side]['node']:.1f} ms a call (in the kernel: "
+                                      f"{cpu_ms[node_side]['node kernel']:.1f} ms) and Kubo CPU "
+                                      f"{cpu_ms[node_side]['kubo']:.1f} ms (in its own call: "
+                                      f"{cpu_ms[direct]['kubo']:.1f} ms), {os.cpu_count()} cores")
+        if node_side not in goals_here:
+            goals.append({"item": "2", "name": f"{node_side} against {direct}, {label}", "goal": "(reported)",
+                          "measured": f"{ratio(median[node_side], median[direct]):.2f}x ({median[node_side]:.2f} vs "
+                                      f"{median[direct]:.2f} ms median)" + (f"; {cost}" if cost else ""),
+                          "met": None, "miss": None})
+            continue
+        limit = goals_here[node_side]
+        if with_floor:
+            health = samples["GET /health (floor)"]
+            floor = median[direct] + median["GET /health (floor)"]
+            times = ratio(median[node_side], floor)
+            paired = summarize([a / (b + c) for a, b, c in zip(samples[node_side], samples[direct], health)])
+            what = (f"{times:.2f}x the floor: {median[node_side]:.2f} ms median against {median[direct]:.2f} + "
+                    f"{median['GET /health (floor)']:.2f} ms ({direct} + GET /health)")
+            goal = f"<= {limit:g}x (Kubo's {direct.split()[1]} + one empty request to the node)"
+            over = median[node_side] - limit * floor
+        else:
+            times = ratio(median[node_side], median[direct])
+            paired = summarize([a / b for a, b in zip(samples[node_side], samples[direct])])
+            what = f"{times:.2f}x: {median[node_side]:.2f} vs {median[direct]:.2f} ms median"
+            goal = f"<= {limit:g}x {direct}"
+            over = median[node_side] - limit * median[direct]
+        met = times <= limit
+        goals.append({"item": "2", "name": f"{node_side}, {label}", "goal": goal,
+                      "measured": f"{what} (paired rounds: {paired['median']:.2f}x)" + (f"; {cost}" if cost else ""),
+                      "met": met, "over_ms": over, "node": node_side,
+                      "miss": None if met else f"by {over:.2f} ms" + (f"; the node's work competes with Kubo's for the "
+                                                                     f"cores: {cost}" if cost else "")})
     return {"file_bytes": len(data), "label": label, "rounds": rounds, "unit": "ms", "cid": cid,
-            "latency_ms": table, "comparisons": comparisons, "goals": goals}
+            "latency_ms": table, "cpu_ms_per_call": cpu_ms, "comparisons": comparisons, "goals": goals}
 
 
 def breakdown(ctx: Any, path: Path, cid: str, rounds: int) -> dict[str, Any]:
-    """Where the node's time goes: its IPFS adapter and its file writing, timed in this process.
-
-    The same calls the node makes (ipfs_client.IpfsClient, storage.written_atomically), next to
-    Kubo's RPC through a bare keep-alive connection, interleaved.
-    """
+    """Where the node's time goes: its IPFS adapter, its upload parser and its download writer, timed in this
+    process beside Kubo's RPC through a bare keep-alive connection, interleaved."""
     try:
+        import io
+        import app
         import ipfs_client
+        import node as node_module
         import storage
         client = ipfs_client.IpfsClient(ctx.kubo.api_url)
         client.version()
@@ -210,30 +272,40 @@ def breakdown(ctx: Any, path: Path, cid: str, rounds: int) -> dict[str, Any]:
     body, headers = multipart("file", path.name, data)
     scratch = path.parent / ".bench-write-test"
 
-    def write_fsync() -> None:
-        with storage.written_atomically(scratch) as out:
-            out.write(data)
+    def upload_parsed() -> None:
+        upload = app.MultipartUpload(io.BytesIO(body), headers["Content-Type"])
+        name = upload.open()
+        assert client.add_stream(upload.chunks(), name)["Hash"] == cid
+
+    def parse_only() -> None:
+        upload = app.MultipartUpload(io.BytesIO(body), headers["Content-Type"])
+        upload.open()
+        for _ in upload.chunks():
+            pass
+
+    def cat() -> None:
+        for _ in client.open(cid)[1]:
+            pass
 
     def write_plain() -> None:
         with open(scratch, "wb") as out:
             out.write(data)
 
-    def stream_cat() -> None:
-        # what IpfsClient.cat does after its stat: ipfshttpclient's cat alone
-        b"".join(client._client.cat(cid, stream=True))  # noqa: SLF001 - diagnosis only
+    def written_atomically() -> None:
+        with storage.written_atomically(scratch, durable=False) as out:
+            out.write(data)
 
     calls: dict[str, Callable[[], Any]] = {
         "Kubo add via keep-alive http.client": lambda: rpc.request("POST", "/api/v0/add", body, headers),
         "IpfsClient.add_file(path) (create_hash)": lambda: client.add_file(path),
-        "IpfsClient.add_file(stream) (upload)": lambda: client.add_file(path.open("rb")),
+        "MultipartUpload + IpfsClient.add_stream (upload)": upload_parsed,
+        "MultipartUpload alone (parse the upload)": parse_only,
         "Kubo cat via keep-alive http.client": lambda: rpc.request("POST", f"/api/v0/cat?arg={cid}", sink=True),
-        "Kubo files/stat via keep-alive http.client":
-            lambda: rpc.request("POST", f"/api/v0/files/stat?arg=/ipfs/{cid}&timeout=5s"),
-        "IpfsClient.stat (files/stat)": lambda: client.stat(cid),
-        "ipfshttpclient cat alone (no stat)": stream_cat,
-        "IpfsClient.open (stat + cat)": lambda: b"".join(client.open(cid)[1]),
-        "write 64 KB + fsync + rename (written_atomically)": write_fsync,
-        "write 64 KB, no fsync": write_plain,
+        "IpfsClient.open, read to the end (get_file's cat)": cat,
+        "write_download over the last copy (POST get_file)":
+            lambda: node_module.write_download(scratch, len(data), [data]),
+        "storage.written_atomically over the last copy, no fsync": written_atomically,
+        "write, no rename, no fsync": write_plain,
     }
     samples: dict[str, list[float]] = {name: [] for name in calls}
     try:

@@ -70,11 +70,18 @@ def markdown(results: dict[str, Any]) -> str:
                         f"{size['rounds']} interleaved rounds", ""]
             out += _latency_rows(size["latency_ms"])
             out += ["", "| node call | direct RPC | overhead (ratio of medians) | paired overhead, median (IQR) | "
-                        "added ms |", "|---|---|---:|---:|---:|"]
+                        "added ms | node CPU ms a call | Kubo CPU ms a call (its own call) |",
+                    "|---|---|---:|---:|---:|---:|---:|"]
             for c in size["comparisons"]:
                 p = c["paired_overhead"]
-                out.append(f"| {c['node']} | {c['direct']} | +{c['overhead']:.0%} | +{p['median']:.0%} "
-                           f"({p['q1']:.0%}..{p['q3']:.0%}) | {c['added_ms']:.2f} |")
+                node_cpu, direct_cpu = c.get("cpu_ms", {}), c.get("direct_cpu_ms", {})
+                out.append(f"| {c['node']} | {c['direct']} | {c['overhead']:+.0%} | {p['median']:+.0%} "
+                           f"({p['q1']:+.0%}..{p['q3']:+.0%}) | {c['added_ms']:.2f} | {_ms(node_cpu.get('node'), 1)} | "
+                           f"{_ms(node_cpu.get('kubo'), 1)} ({_ms(direct_cpu.get('kubo'), 1)}) |")
+            if "GET /health (floor)" in size["latency_ms"]:
+                floor = size["latency_ms"]["GET /health (floor)"]["median"]
+                out += ["", f"Floor of a download (Kubo's cat + GET /health): "
+                            f"{size['latency_ms']['kubo cat (RPC)']['median'] + floor:.2f} ms."]
         b = r.get("breakdown", {})
         if "latency_ms" in b:
             out += ["", "Where the time goes (the node's own modules, timed in the bench process):", ""]
@@ -159,6 +166,28 @@ def markdown(results: dict[str, Any]) -> str:
         out += [f"| {name} | {g['time_ratio']:.1f} | {g['bytes_ratio']:.1f} | {g['exponent']:.2f} | "
                 f"{g['ms_per_1000_blocks']:.1f} |" for name, g in c["growth"].items()]
         out += ["", *[f"- {n}" for n in r["notes"]]]
+    if "persist" in items:
+        r = items["persist"]
+        b = r["built"]
+        out += ["", f"## 12. --persist with {r['records']:,} records", "",
+                f"Chain: {b['blocks']:,} blocks ({b['records']:,} records) mined at difficulty {b['difficulty']} in "
+                f"{b['mine_s']:.1f} s, a store of {b['store_bytes'] / 1e6:.1f} MB; the node's first start on it took "
+                f"{r['first_start_s']:.2f} s.", "",
+                f"add_transaction over HTTP, {r['rounds']} interleaved rounds of {r['per_round']} calls per node:", ""]
+        out += _latency_rows(r["add_transaction_ms"])
+        out += ["", "| restart | median s | runs (s) |", "|---|---:|---|"]
+        for name, values in r["restarts_s"].items():
+            ordered = sorted(values)
+            out.append(f"| {name} | {ordered[len(ordered) // 2]:.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
+        out += ["", "A restore, step by step (the node's own code, in the bench process, median):", "",
+                "| step | s |", "|---|---:|"]
+        out += [f"| {name} | {seconds:.3f} |" for name, seconds in r["restore_parts_s"].items()]
+        a = r["store_alone"]
+        out += ["", f"The store alone ({a['records']:,} records, built in {a['build_s']:.1f} s): add_pending "
+                    f"{a['add_pending_ms']['with_records']['median']:.2f} ms median with the records vs "
+                    f"{a['add_pending_ms']['empty']['median']:.2f} ms empty; open + load() "
+                    f"{a['load']['total_s']:.2f} s; a raw fsync {a['fsync_ms']['median']:.2f} ms.", "",
+                *[f"- {n}" for n in r["notes"]]]
     if "size" in items:
         r = items["size"]
         if "skipped" in r:
@@ -184,8 +213,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 def soak_section(r: dict[str, Any]) -> list[str]:
     if "skipped" in r:
-        return ["", f"## 8. Across lab hosts: skipped ({r['skipped']})"]
-    out = ["", "## 8. Across lab hosts (network namespaces, a node and a Kubo on each)"]
+        return ["", f"## 10. Across lab hosts: skipped ({r['skipped']})"]
+    out = ["", "## 10. Across lab hosts (network namespaces, a node and a Kubo on each)"]
     s = r.get("soak")
     if s:
         c, lag = s["converge_s"], s["pin_lag"]["seconds"]

@@ -18,6 +18,7 @@ processes on free 127.0.0.1 ports, and stops them all at the end. Items:
  10 soak      across lab hosts (needs root): transactions with periodic partitions, and what grows with the
               number of hosts, on 3 and 6 (bench/soak.py)
  11 consent   opening a record with a grant vs the paper's password; the audit with 100,000 accesses
+ 12 persist   --persist with 100,000 records: add_transaction and a restart, on node processes (bench/persist.py)
 """
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, Cluster, Http, kubo_version, log  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BENCH_MAX_PEERS = 10_000
 ITEMS = {"1": "fig5", "2": "overhead", "3": "load", "4": "pow", "5": "scale", "6": "size", "7": "attack", "8": "crypto",
-         "9": "signing", "10": "soak", "11": "consent"}
+         "9": "signing", "10": "soak", "11": "consent", "12": "persist"}
 QUICK = {"runs": 8, "overhead_rounds": 10, "overhead_mib": 4, "load_seconds": 3.0, "load_rounds": 1, "pow_rounds": 2, "mine_blocks": 10,
          "files": 10_000, "lookups": 100, "scans": 10, "chain_sizes": [100, 300, 1000], "chain_gets": 3,
          "replace_nodes": 1, "big_mib": 64, "crypto_rounds": 1, "attack_seconds": 3.0, "attack_rounds": 1,
@@ -51,7 +53,8 @@ QUICK = {"runs": 8, "overhead_rounds": 10, "overhead_mib": 4, "load_seconds": 3.
          "sign_blocks": 1000, "sign_rounds": 1, "sign_load_seconds": 3.0,
          "consent_runs": 8, "audit_records": 2000, "audit_queries": 20,
          "soak_seconds": 40.0, "soak_partition_every": 18.0, "soak_partition_seconds": 6.0, "scale_hosts": [3],
-         "scale_transactions": 5}
+         "scale_transactions": 5,
+         "persist_records": 10_000, "persist_rounds": 8, "persist_restarts": 1}
 
 
 @dataclass
@@ -71,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     parser.add_argument("--quick", action="store_true", help="small sizes and few runs: a smoke test of every item")
-    parser.add_argument("--items", default="1,2,3,4,5,6,7,8", help="items to run, by number or name (default all)")
+    parser.add_argument("--items", default=",".join(ITEMS), help="items to run, by number or name (default all)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for results.json, results.md, latency.png")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (node logs, Kubo repos)")
     g = parser.add_argument_group("1, 2: latency and overhead")
@@ -121,6 +124,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     soak.add_arguments(parser.add_argument_group("10: across lab hosts"))
     import consent
     consent.add_arguments(parser.add_argument_group("11: consent"))
+    g = parser.add_argument_group("12: --persist")
+    g.add_argument("--persist-records", type=int, default=100_000, help="records in the persisted chain "
+                                                                        "(default 100000)")
+    g.add_argument("--persist-rounds", type=int, default=40, help="interleaved rounds of 25 add_transaction calls "
+                                                                  "per node (default 40)")
+    g.add_argument("--persist-restarts", type=int, default=3, help="restarts timed (default 3)")
     args = parser.parse_args(argv)
     if args.quick:  # the quick sizes, unless a flag says otherwise
         parser.set_defaults(**QUICK)
@@ -171,7 +180,8 @@ def setup(ctx: Context) -> None:
     log("starting Kubo and the nodes")
     ctx.kubo = ctx.cluster.kubo("main")
     ctx.fig5_node = ctx.cluster.node("fig5", ctx.kubo)
-    ctx.connect_node = ctx.cluster.node("connect", ctx.kubo)
+    # connect_node is timed to a new peer each run: more runs than max_peers (32) would be refused (409)
+    ctx.connect_node = ctx.cluster.node("connect", ctx.kubo, max_peers=BENCH_MAX_PEERS)
     write_sample_record(ctx.fig5_node.data_dir / "MRI.pdf")
     api = Http(ctx.fig5_node.port)
     api.json("POST", "/encrypt_file", {"file_path": "MRI.pdf", "password": "bench-setup", "output_path": "MRI.pdf.aes",
@@ -213,6 +223,9 @@ def run_item(name: str, ctx: Context) -> dict[str, Any]:
     if name == "consent":
         import consent
         return consent.run(ctx)
+    if name == "persist":
+        import persist
+        return persist.run(ctx)
     raise ValueError(name)
 
 

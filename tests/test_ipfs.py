@@ -179,6 +179,34 @@ def test_repo_is_loopback_only_and_has_no_peers(kubo: Kubo) -> None:
     assert kubo.swarm_peer_addresses() == []
 
 
+def test_adapter_streams_an_add_and_survives_a_cat_left_half_read(kubo: Kubo, tmp_path: Path) -> None:
+    """add_stream sends pieces as they come; a download iterator dropped half way (a client gone) frees its own
+    connection, and the next call on the thread gets a fresh one; an error raised by the pieces breaks the add."""
+    adapter = IpfsClient(kubo.api_url, lookup_timeout=2)
+    data = os.urandom(3 * MIB + 5)
+    (tmp_path / "scan.bin").write_bytes(data)
+    pieces = (memoryview(data)[i:i + 100_000] for i in range(0, len(data), 100_000))
+    added = adapter.add_stream(pieces, "scan.bin")
+    assert added["Hash"] == kubo.ipfs("add", "--only-hash", "-Q", str(tmp_path / "scan.bin")).strip()
+    assert added["Name"] == "scan.bin"
+    size, chunks = adapter.open(added["Hash"])
+    assert size == len(data) and len(next(chunks)) > 0
+    chunks.close()  # left half read
+    size, chunks = adapter.open(added["Hash"])
+    assert b"".join(chunks) == data
+    orphan_size, orphan = adapter.open(added["Hash"])  # still being read elsewhere while this thread goes on
+    assert adapter.stat(added["Hash"])["Size"] == len(data)
+    assert b"".join(orphan) == data
+
+    def broken():
+        yield b"x" * 1000
+        raise ValueError("the upload is malformed")
+
+    with pytest.raises(ValueError, match="malformed"):
+        adapter.add_stream(broken(), "broken.bin")
+    assert adapter.version()  # the thread's connections still work
+
+
 @pytest.mark.process
 def test_kubo_script_status_and_stop(tmp_path: Path) -> None:
     daemon = Kubo(tmp_path / "repo").start()

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import requests
+import waitress.buffers
 import waitress.channel
 import waitress.parser
 import waitress.server
@@ -390,6 +391,42 @@ def test_waitress_internals_server_py_relies_on_are_still_there() -> None:
         assert name in dict(Adjustments._params), name
 
 
+def test_waitress_internals_of_streamed_uploads_and_downloads_are_still_there() -> None:
+    """NodeParser streams a body by putting a BodyPipe where waitress's receiver keeps its buffer; NodeChannel
+    re-implements handle_read (larger reads) and undoes send_continue's wait; NodeTask adds to waitress's
+    environ and runs work after execute; NodeChannel.writable waits on a download's file behind waitress's
+    ReadOnlyFileBasedBuffer, which waitress reads with get() and moves past with skip()."""
+    import waitress.receiver
+    for receiver in (waitress.receiver.FixedStreamReceiver, waitress.receiver.ChunkedReceiver):
+        source = inspect.getsource(receiver)
+        assert "self.buf.append(" in source and "def getfile(self):\n        return self.buf.getfile()" in source
+    assert "self.remain" in inspect.getsource(waitress.receiver.FixedStreamReceiver)
+    parser = inspect.getsource(waitress.parser.HTTPRequestParser)
+    assert "self.body_rcv = FixedStreamReceiver(cl, buf)" in parser and "self.body_rcv = ChunkedReceiver(buf)" in parser
+    assert "return body_rcv.getfile()" in parser and "body_rcv.getbuf().close()" in parser
+    channel = waitress.channel.HTTPChannel
+    read = inspect.getsource(channel.handle_read)
+    assert "data = self.recv(self.adj.recv_bytes)" in read and "self.received(data)" in read
+    assert "self.connected = False" in read and "self.last_activity = time.time()" in read
+    assert "self.request.completed = False" in inspect.getsource(channel.send_continue)
+    assert "len(self.requests) > self.adj.channel_request_lookahead" in inspect.getsource(channel.readable)
+    flush = inspect.getsource(channel._flush_some)
+    assert "outbuf.get(self.sendbuf_len)" in flush and "outbuf.skip(num_sent, True)" in flush
+    assert "self.outbufs.append(data)" in inspect.getsource(channel.write_soon)
+    task = waitress.task.WSGITask
+    assert "self.channel.write_soon(app_iter)" in inspect.getsource(task.execute)
+    environment = inspect.getsource(task.get_environment)
+    assert "return environ" in environment and "self.environ = environ" in environment
+    assert '"wsgi.input": request.get_body_stream()' in environment
+    assert "rh = self.build_response_header()" in inspect.getsource(waitress.task.Task.write)
+    buffers = inspect.getsource(ReadOnlyFileBasedBuffer)
+    assert "self.file = file" in buffers and "res = file.read(numbytes)" in buffers and "file.seek(read_pos)" in buffers
+    assert "self.file.seek(numbytes, 1)" in inspect.getsource(waitress.buffers.FileBasedBuffer.skip)
+    assert list(inspect.signature(waitress.server.BaseWSGIServer.add_task).parameters) == ["self", "task"]
+    for method in ("add_task", "set_thread_count", "shutdown"):
+        assert callable(getattr(waitress.task.ThreadedTaskDispatcher, method)), method
+
+
 @pytest.fixture
 def gate(tmp_path: Path):
     app = create_app(node_config(tmp_path, api_key=KEY, max_body_bytes=1000))
@@ -495,7 +532,9 @@ def test_the_server_is_built_of_node_classes_on_every_listen_address(tmp_path: P
         assert listeners and all(isinstance(listener, server.NodeServer) for listener in listeners)
         assert all(listener.channel_class is server.NodeChannel for listener in listeners)
         assert built.adj.asyncore_use_poll and built.adj.connection_limit == 1000
+        assert all(listener.streams is built.streams for listener in listeners) and built.streams.count == 4
     finally:
         built.task_dispatcher.shutdown()
+        built.streams.shutdown()
         built.close()
         app.extensions["emr_node"].close()
