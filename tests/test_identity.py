@@ -345,7 +345,8 @@ def edit(change: Callable[[dict[str, Any], Path], Any]) -> Callable[[Path, Path]
 
 
 def flip_in_pem(data: dict[str, Any], field: str, line: int) -> None:
-    """Change one base64 character of a PEM: line 1 is in the DER header, line -2 in the encrypted key."""
+    """Change one base64 character of a PEM: line 1 is in the DER header, line -3 (the last full line) in the
+    encrypted key. The short last line would not do: its third character may carry bits base64 discards."""
     lines = data[field].splitlines()
     lines[line] = lines[line][:2] + ("A" if lines[line][2] != "A" else "B") + lines[line][3:]
     data[field] = "\n".join(lines)
@@ -376,8 +377,10 @@ DAMAGES: dict[str, tuple[Callable[[Path, Path], None], type[IdentityError], str]
         "do not match its private keys"),
     "keys swapped": (edit(lambda d, t: d.update(signing_private_key=d["exchange_private_key"])), IdentityError,
                      "'signing_private_key' is not a private Ed25519 key"),
-    "encrypted key damaged": (edit(lambda d, t: flip_in_pem(d, "exchange_private_key", -2)),
-                              IdentityPassphraseError, "wrong passphrase .or the encrypted keys are damaged"),
+    # AES-CBC has no integrity check: a changed ciphertext byte reads as a wrong passphrase, a damaged key or a
+    # key that does not match the public one, depending on where it falls. Each is refused, naming the damage.
+    "encrypted key damaged": (edit(lambda d, t: flip_in_pem(d, "exchange_private_key", -3)),
+                              IdentityError, "damaged"),
     "key header damaged": (edit(lambda d, t: flip_in_pem(d, "signing_private_key", 1)), IdentityError,
                            "'signing_private_key' is damaged"),
     "key not a PEM": (edit(lambda d, t: d.update(signing_private_key="-----BEGIN ENCRYPTED PRIVATE KEY-----\nxx\n"
