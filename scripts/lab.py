@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as `python scripts/lab.py`
     sys.path.insert(0, str(ROOT))
 
-from scripts.cluster import KUBO_SCRIPT, Kubo, NodeProcess, node_args, write_swarm_key  # noqa: E402
+from scripts.cluster import KUBO_SCRIPT, Kubo, NodeProcess, _alive, node_args, write_swarm_key  # noqa: E402
 
 TOXIPROXY_SCRIPT = ROOT / "scripts" / "toxiproxy.sh"
 LAB_NETWORK = ipaddress.ip_network("198.18.0.0/15")  # every lab address is in here
@@ -87,6 +87,32 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 def namespaces() -> set[str]:
     """Names of every network namespace `ip netns` knows."""
     return {line.split()[0] for line in _ip("netns", "list").stdout.splitlines() if line.strip()}
+
+
+ORPHAN = re.compile(r"emrlab-(?:probe-|[a-z])?(?P<pid>\d+)-[0-9a-f]{6}(?:-.*)?")
+
+
+def sweep_orphans() -> list[str]:
+    """Delete namespaces left by labs whose process is gone (killed with -9, a lost session).
+
+    Such a lab had no chance to close itself. A namespace counts as orphaned only when its name
+    carries the pid of the process that made it and no process has that pid any more; whatever
+    still runs inside it is killed first. Returns the names deleted.
+    """
+    deleted = []
+    for name in sorted(namespaces()):
+        match = ORPHAN.fullmatch(name)
+        if not match or _alive(int(match["pid"])):
+            continue
+        pids = _ip("netns", "pids", name, check=False).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        if _ip("netns", "del", name, check=False).returncode == 0:
+            deleted.append(name)
+    return deleted
 
 
 def available() -> tuple[bool, str]:
@@ -239,6 +265,8 @@ class Lab:
     def up(self) -> "Lab":
         """Create the switch and the hosts; on any failure, undo everything made so far."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        for name in sweep_orphans():
+            print(f"lab: deleted {name}, left by a lab whose process is gone", file=sys.stderr)
         try:
             self._add_namespace(self.switch)
             _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")

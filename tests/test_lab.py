@@ -20,7 +20,7 @@ from typing import Iterator
 import pytest
 
 from scripts.cluster import _alive
-from scripts.lab import LAB_NETWORK, TOXIPROXY_SCRIPT, Lab, available, namespaces
+from scripts.lab import LAB_NETWORK, TOXIPROXY_SCRIPT, Lab, available, namespaces, sweep_orphans
 
 AVAILABLE, REASON = available()
 pytestmark = [pytest.mark.process, pytest.mark.skipif(not AVAILABLE, reason=f"lab tests skipped: {REASON}")]
@@ -164,3 +164,19 @@ def test_no_namespace_or_process_of_the_lab_is_left_after_it_closes(tmp_path: Pa
         assert body_raises and "body failed" in str(exc)
     assert len(names) == 3 and not set(names) & namespaces()
     assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
+
+
+def test_a_lab_killed_outright_leaves_namespaces_the_next_lab_deletes(tmp_path: Path) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    token = secrets.token_hex(3)
+    orphan = f"emrlab-{gone.pid}-{token}-h1"
+    ours = f"emrlab-{os.getpid()}-{token}-h1"  # a lab still running in this process: not an orphan
+    for name in (orphan, ours):
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        assert orphan in sweep_orphans()
+        assert orphan not in namespaces() and ours in namespaces()
+    finally:
+        for name in (orphan, ours):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
