@@ -227,13 +227,7 @@ class Members:
         entries = data["members"]
         if not isinstance(entries, list) or not entries:
             raise InvalidIdentity("'members' must be a non-empty list")
-        members = []
-        for position, entry in enumerate(entries, 1):
-            try:
-                members.append(Member.from_dict(entry))
-            except InvalidIdentity as exc:
-                raise InvalidIdentity(f"member {position}{_entry_name(entry)}: {exc}") from None
-        return cls(data["network"], members, settings)
+        return cls(data["network"], _parse_members(entries, "member"), settings)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Members) and self.to_dict() == other.to_dict()
@@ -245,17 +239,23 @@ class Members:
         return f"Members({self.network}, {len(self)} members, {self.short_fingerprint})"
 
 
+def _parse_members(entries: Iterable[Any], label: str) -> list[Member]:
+    """Members from their dict forms; InvalidIdentity naming the entry (`label` and position) and field."""
+    members = []
+    for position, entry in enumerate(entries, 1):
+        try:
+            members.append(Member.from_dict(entry))
+        except InvalidIdentity as exc:
+            raise InvalidIdentity(f"{label} {position}{_entry_name(entry)}: {exc}") from None
+    return members
+
+
 def build_members(network: str, descriptions: Iterable[Any], settings: Mapping[str, Any] | None = None) -> Members:
     """Members from several nodes' describe() outputs (GET /identity), in the order given.
 
     InvalidIdentity naming the description and field, or DuplicateMember.
     """
-    members = []
-    for position, description in enumerate(descriptions, 1):
-        try:
-            members.append(Member.from_dict(description))
-        except InvalidIdentity as exc:
-            raise InvalidIdentity(f"description {position}{_entry_name(description)}: {exc}") from None
+    members = _parse_members(descriptions, "description")
     if not members:
         raise InvalidIdentity("a network needs at least one member")
     return Members(network, members, settings)

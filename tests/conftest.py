@@ -17,6 +17,7 @@ from scripts.cluster import Kubo, NodeProcess, describe_node, free_port, node_ar
 PAPER_HASH = "QmbWxSqxhZms74885xceSaiHVvdjqiVWrATtYUrrUnVE1K"
 # Fixtures that start real daemons or node processes: a test using one is "slow", left out of `make test-fast`.
 SLOW_FIXTURES = frozenset({"kubo", "ipfs_client", "spawn_node", "fuzzed_app", "signed_network"})
+RECEIVE_CHUNK = 4 * 1024 * 1024  # how much read_answer takes from a socket at once
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -144,6 +145,52 @@ def signed_network(spawn_node: Callable[..., NodeProcess], tmp_path: Path) -> Ca
         return [spawn_node(role, port=port, data_dir=data_dir, security="signed", members_file=members, **settings)
                 for role, port, data_dir in zip(roles, ports, data_dirs)]
     return start
+
+
+def read_answer(sock: socket.socket, timeout: float = 10.0, digest: Any = None) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of one HTTP answer with a Content-Length; with `digest` (a hashlib object) the
+    body goes into it instead, and b"" is returned."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before an answer: {data!r}")
+        data += chunk
+    head, _, first = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    remaining = int(headers.get("content-length", "0")) - len(first)
+    body = bytearray() if digest is None else None
+    for chunk in _chunks(sock, first, remaining):
+        if body is None:
+            digest.update(chunk)
+        else:
+            body.extend(chunk)
+    return int(lines[0].split()[1]), headers, bytes(body or b"")
+
+
+def _chunks(sock: socket.socket, first: bytes, remaining: int) -> Any:
+    yield first
+    while remaining > 0:
+        chunk = sock.recv(min(RECEIVE_CHUNK, remaining))
+        if not chunk:
+            raise ConnectionError("closed in the middle of the body")
+        remaining -= len(chunk)
+        yield chunk
+
+
+def closes(sock: socket.socket, timeout: float) -> bool:
+    """Whether the node ends the connection (EOF or reset) within `timeout`, whatever it says first."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except ConnectionError:
+        return True
+    except socket.timeout:
+        return False
 
 
 def dump(response: Any) -> str:

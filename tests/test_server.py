@@ -31,7 +31,7 @@ from waitress.buffers import ReadOnlyFileBasedBuffer
 
 import server
 from app import create_app
-from conftest import node_config, paper_transaction, wait_until
+from conftest import closes, node_config, read_answer, paper_transaction, wait_until
 from scripts.cluster import ROOT, free_port
 
 KEY = "correct-horse-battery-staple-0123456789"
@@ -47,52 +47,6 @@ def connect(node: Any, receive_buffer: int | None = None) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.connect(("127.0.0.1", node.port))
     return sock
-
-
-def read_answer(sock: socket.socket, timeout: float = 10.0, digest: Any = None) -> tuple[int, dict[str, str], bytes]:
-    """(status, headers, body) of one HTTP answer with a Content-Length; with `digest` (a hashlib object) the
-    body goes into it instead, and b"" is returned."""
-    sock.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed before an answer: {data!r}")
-        data += chunk
-    head, _, first = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
-    remaining = int(headers.get("content-length", "0")) - len(first)
-    body = bytearray() if digest is None else None
-    for chunk in _chunks(sock, first, remaining):
-        if body is None:
-            digest.update(chunk)
-        else:
-            body.extend(chunk)
-    return int(lines[0].split()[1]), headers, bytes(body or b"")
-
-
-def _chunks(sock: socket.socket, first: bytes, remaining: int) -> Any:
-    yield first
-    while remaining > 0:
-        chunk = sock.recv(min(4 * MIB, remaining))
-        if not chunk:
-            raise ConnectionError("closed in the middle of the body")
-        remaining -= len(chunk)
-        yield chunk
-
-
-def closes(sock: socket.socket, timeout: float) -> bool:
-    """Whether the node ends the connection (EOF or reset) within `timeout`, whatever it says first."""
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(65536):
-            pass
-        return True
-    except ConnectionError:
-        return True
-    except socket.timeout:
-        return False
 
 
 def timed_health(node: Any, **kwargs: Any) -> float:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 
-from conftest import paper_transaction, wait_until
+from conftest import closes, paper_transaction, read_answer, wait_until
 
 MIB = 1024 * 1024
 SIZES = {"empty": 0, "one-byte": 1, "64KB": 64_102, "few-MiB": 3 * MIB + 123}
@@ -32,30 +32,8 @@ def upload_head(node: Any, length: int, extra: str = "") -> bytes:
 
 def answer(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, Any]]:
     """The status and JSON body of one answer on a raw socket."""
-    sock.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed before an answer: {data!r}")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
-    while len(body) < length:
-        body += sock.recv(65536)
-    return int(head.split()[1]), json.loads(body[:length])
-
-
-def closes(sock: socket.socket, timeout: float) -> bool:
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(65536):
-            pass
-        return True
-    except ConnectionError:
-        return True
-    except socket.timeout:
-        return False
+    status, _, body = read_answer(sock, timeout)
+    return status, json.loads(body)
 
 
 def files_in(root: Path) -> list[str]:
