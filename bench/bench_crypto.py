@@ -11,7 +11,7 @@ fresh interpreter (this script's --worker mode), so the peak RSS reported
 (VmHWM of that child) belongs to that operation alone; times are measured inside
 the child around the call, excluding interpreter start.
 
-bench/run.py runs this as item 7 (run()); bench/size.py uses its workers for
+bench/run.py runs this as item 8 (run()); bench/size.py uses its workers for
 item 6 (generate, sha256_of, run_worker, summarize).
 """
 

@@ -10,7 +10,7 @@ background sync's requests per second, pins per record, chain bytes per node and
 nodes' own request logs (--log-level DEBUG writes one line per request).
 
     sudo .venv/bin/python bench/soak.py [--seconds 150] [--hosts 3] [--scale-hosts 3,6] [--json out.json]
-    .venv/bin/python bench/run.py --items soak --out /tmp/soak-results      # as item 8 of the benchmark
+    .venv/bin/python bench/run.py --items soak --out /tmp/soak-results      # as item 10 of the benchmark
 
 Needs root (network namespaces); without it the item is skipped and says why.
 """
@@ -183,7 +183,7 @@ def soak(hosts: int, seconds: float, rate: float, mine_every: float, partition_e
                 lab.popen(host, [sys.executable, str(AGENT), "drive", str(spec)], stdout=agent_log,
                           stderr=subprocess.STDOUT)
         began = time.time()
-        log(f"item 8: soak on {hosts} hosts for {seconds:.0f} s: {rate:g} records/s in all, mining every "
+        log(f"item 10: soak on {hosts} hosts for {seconds:.0f} s: {rate:g} records/s in all, mining every "
             f"~{mine_every:g} s on each host, a host cut off for {partition_seconds:g} s every {partition_every:g} s")
         partitions: list[dict[str, Any]] = []
         victim = 0
@@ -247,7 +247,7 @@ def scale(hosts: int, transactions: int, blocks: int, idle_seconds: float, workd
     with Lab(hosts=hosts, workdir=workdir / f"scale-{hosts}") as lab:
         cluster = LabCluster(lab, {host: "patient" for host in range(1, hosts + 1)}, settings=SOAK_SETTINGS,
                              say=log).start()
-        log(f"item 8: scale on {hosts} hosts: {transactions} records one at a time, {blocks} blocks, "
+        log(f"item 10: scale on {hosts} hosts: {transactions} records one at a time, {blocks} blocks, "
             f"{idle_seconds:g} s idle")
         time.sleep(1.0)
         before = lab_counts(cluster)
@@ -289,7 +289,7 @@ def scale(hosts: int, transactions: int, blocks: int, idle_seconds: float, workd
         }
 
 
-# -- as item 8 of bench/run.py, and on its own ------------------------------------------------------
+# -- as item 10 of bench/run.py, and on its own ------------------------------------------------------
 
 def goals(soaked: dict[str, Any] | None, scaled: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
@@ -341,13 +341,13 @@ def measure(hosts: int, seconds: float, rate: float, mine_every: float, partitio
             result["soak"] = soak(hosts, seconds, rate, mine_every, partition_every, partition_seconds, workdir)
         except (LabError, subprocess.SubprocessError, OSError) as exc:
             result["errors"]["soak"] = f"{type(exc).__name__}: {exc}"
-            log(f"item 8: the soak failed: {result['errors']['soak']}")
+            log(f"item 10: the soak failed: {result['errors']['soak']}")
     for n in scale_hosts:
         try:
             result["scale"].append(scale(n, scale_transactions, 5, 10.0, workdir))
         except (LabError, subprocess.SubprocessError, OSError) as exc:
             result["errors"][f"scale-{n}"] = f"{type(exc).__name__}: {exc}"
-            log(f"item 8: scale on {n} hosts failed: {result['errors'][f'scale-{n}']}")
+            log(f"item 10: scale on {n} hosts failed: {result['errors'][f'scale-{n}']}")
     result["goals"] = goals(result.get("soak"), result["scale"])
     if result["errors"]:
         raise SoakFailed(result)
@@ -355,7 +355,7 @@ def measure(hosts: int, seconds: float, rate: float, mine_every: float, partitio
 
 
 class SoakFailed(RuntimeError):
-    """Some part of item 8 failed; `.result` holds what was measured, and what failed."""
+    """Some part of item 10 failed; `.result` holds what was measured, and what failed."""
 
     def __init__(self, result: dict[str, Any]) -> None:
         super().__init__("; ".join(f"{part}: {why}" for part, why in result["errors"].items()))
