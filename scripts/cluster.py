@@ -232,6 +232,8 @@ def node_args(role: str, **settings: Any) -> list[str]:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + flag[2:])
+        elif str(value).startswith("-"):
+            args.append(f"{flag}={value}")  # argparse would take "--api-key -x..." for two flags
         else:
             args += [flag, str(value)]
     return args

@@ -9,6 +9,7 @@ from app import Gate
 from config import Config, load_config
 from conftest import node_config, paper_transaction
 from errors import CrossOriginRefused, MisdirectedRequest, TooLarge, Unauthorized, UnsupportedMediaType
+from scripts.cluster import node_args
 
 KEY = "correct-horse-battery-staple-0123456789"
 EVIL = "http://evil.example"
@@ -177,6 +178,11 @@ def test_a_blank_short_or_spaced_api_key_stops_the_start(tmp_path, key, named) -
 
 def test_a_good_key_and_no_key_are_accepted() -> None:
     assert Config(api_key=KEY).api_key == KEY and Config().api_key == ""
+
+
+def test_a_key_that_starts_with_a_dash_reaches_a_node_started_by_the_scripts() -> None:
+    key = "-" + KEY  # secrets.token_urlsafe starts one key in 64 this way
+    assert load_config(node_args("patient", api_key=key, port=5002), {}).api_key == key
 
 
 # -- the gate itself: one answer for the server and for Flask ------------------------------------
