@@ -139,3 +139,15 @@ def test_a_removed_node_refuses_to_mine_and_says_it_was_removed(keys, founding) 
     with pytest.raises(NotAMember, match="was removed from the network emr-test"):
         chain.mine_block()
     assert len(chain) == 2
+
+
+def test_an_authority_admits_its_own_new_key_in_place_of_the_old(keys, founding) -> None:
+    chain = chain_of(founding, keys["authority"])
+    chain.add_transaction(admission(keys["authority"], keys["rotated"], AUTHORITY, "http://127.0.0.1:5003",
+                                    replaces=keys["authority"].node_id))
+    chain.mine_block()
+    assert chain.state().members.get(keys["rotated"].node_id).role == AUTHORITY
+    with pytest.raises(NotAMember, match="was removed"):  # the node runs the old key until it restarts
+        chain.mine_block()
+    restarted = chain_of(founding, keys["rotated"])
+    assert restarted.replace_chain(chain.chain)[0] and restarted.mine_block()["miner"] == keys["rotated"].node_id
