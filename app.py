@@ -498,7 +498,8 @@ def receipt_answer(receipt: Any, what: str) -> Any:
 @api.post("/admit_member")
 @serves(Action.ADMIT)
 def admit_member() -> Any:
-    return receipt_answer(current_node().admit_member(json_body("member").get("member")), "admission")
+    body = json_body("member", "replaces")
+    return receipt_answer(current_node().admit_member(body.get("member"), body.get("replaces")), "admission")
 
 
 @api.post("/remove_member")

@@ -38,7 +38,7 @@ from datetime import datetime, timedelta
 from itertools import count
 from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
-from errors import Busy, InvalidTransaction
+from errors import Busy, InvalidTransaction, NotAMember
 
 log = logging.getLogger("emr.chain")
 
@@ -208,6 +208,8 @@ class Rules(Protocol):
     def block_problem(self, block: Block, state: Any, verified: Any = ..., view: Any = ...) -> tuple[str | None, Any]: ...
 
     def prechecked(self, blocks: list[Block], state: Any) -> Any: ...
+
+    def mining_problem(self, state: Any) -> str | None: ...
 
     def index_block(self, block: Block) -> None: ...
 
@@ -470,12 +472,16 @@ class Blockchain:
         """Mine the pending transactions into a new block and append it.
 
         With rules, the block holds the pending transactions that are still valid in order (a signer
-        removed since drops out), names this node as its miner and carries its signature.
+        removed since drops out), names this node as its miner and carries its signature; a node the rules
+        do not let mine (not, or no longer, a member) gets NotAMember, and nothing changes.
         """
         with self._mine_lock:
             while True:
                 with self._lock:
                     previous, state = self._chain[-1], self._states[-1]
+                    problem = self.rules.mining_problem(state) if self.rules else None
+                    if problem:
+                        raise NotAMember(problem)
                     transactions, state = self._still_valid(list(self._pending.values()), state)
                 block = {"index": previous["index"] + 1, "timestamp": _now_after(previous["timestamp"]),
                          "nonce": 0, "previous_hash": hash_block(previous), "transactions": transactions}

@@ -193,6 +193,11 @@ class DuplicateMember(Conflict):
     """A member with this node id (or short id, or key) is already in the list."""
 
 
+class NotAMember(Forbidden):
+    """This node is not (or no longer) a member of its signed network, so it may not write (sign a transaction,
+    mine a block); the message says which, and what to ask a healthcare authority for."""
+
+
 class MembersFileError(StateDamaged):
     """The members file cannot be used; the message names the file, the entry and what to do."""
 

@@ -11,10 +11,14 @@ an admission or a removal only from a healthcare authority, a block from any mem
 is tricked into gossiping a record is refused by every honest node, not only by its own routes.
 
 Membership is chain state. The founding members come from the members file the operators share (members.py),
-whose fingerprint is in the genesis block, so nodes with different files refuse each other's chains at once.
-Later a healthcare authority admits or removes a member with a signed transaction. A removed member's later
-writes are refused; what it wrote before stays valid. The state after each block is kept beside the chain
-(`LedgerState`, immutable), so a fork is judged against the state at its fork point.
+whose fingerprint is in the genesis block, so nodes with different files refuse each other's chains at once; the
+file never changes after. Later a healthcare authority admits or removes a member with a signed transaction, and
+a node admitted so runs with the same founding file: until its chain holds its admission it writes nothing
+(`SignedRules.own_problem`). A removed member's later writes are refused; what it wrote before stays valid. An
+admission may name the member it replaces (`replaces`: a key rotated), who is removed by the same transaction, so
+its URL and exchange key may pass to the new member; otherwise no two members share a node id, short id, URL or
+exchange key. The state after each block is kept beside the chain (`LedgerState`, immutable), so a fork is
+judged against the state at its fork point.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ GRANT, REVOKE, ACCESS = "grant", "revoke", "access"
 # The action of policy.py each kind of transaction performs: its signer's role must be allowed it.
 TYPE_ACTION: dict[str, Action] = {RECORD: Action.RECORD, ADMIT: Action.ADMIT, REMOVE: Action.ADMIT,
                                   GRANT: Action.GRANT, REVOKE: Action.GRANT, ACCESS: Action.FETCH}
+REPLACES = "replaces"  # on an admission: the member it replaces (a rotated key), removed by the same transaction
 TYPE_FIELDS: dict[str, frozenset[str]] = {
     ADMIT: frozenset({TYPE, "id", "member", SIGNER, SIGNATURE}),
     REMOVE: frozenset({TYPE, "id", "node_id", SIGNER, SIGNATURE}),
@@ -48,6 +53,7 @@ TYPE_FIELDS: dict[str, frozenset[str]] = {
     ACCESS: frozenset({TYPE, "id", "record", "outcome", "grant", "reason", "purpose", "emergency", "at", SIGNER,
                        SIGNATURE}),
 }
+OPTIONAL_FIELDS: dict[str, frozenset[str]] = {ADMIT: frozenset({REPLACES})}
 KEYS = "keys"  # on a record: its key wrapped for its owner (and the network's emergency members)
 OPENED, REFUSED = "opened", "refused"
 MAX_KEYS = 32
@@ -214,6 +220,12 @@ def _grant_shape(tx: Transaction) -> str | None:
     return _text_problem(tx, "purpose")
 
 
+def _admit_shape(tx: Transaction) -> str | None:
+    if REPLACES in tx and not (isinstance(tx[REPLACES], str) and NODE_ID.fullmatch(tx[REPLACES])):
+        return f"'{REPLACES}' must be the node id of the member the admission replaces"
+    return None
+
+
 def _revoke_shape(tx: Transaction) -> str | None:
     if not isinstance(tx["grant"], str) or not TRANSACTION_ID.fullmatch(tx["grant"]):
         return "'grant' must be a grant's id"
@@ -234,7 +246,7 @@ def _access_shape(tx: Transaction) -> str | None:
     return _text_problem(tx, "reason") or _text_problem(tx, "purpose")
 
 
-CONSENT_SHAPES = {GRANT: _grant_shape, REVOKE: _revoke_shape, ACCESS: _access_shape}
+TYPE_SHAPES = {ADMIT: _admit_shape, GRANT: _grant_shape, REVOKE: _revoke_shape, ACCESS: _access_shape}
 
 
 def _consent_problem(kind: str, tx: Transaction, state: LedgerState, view: ChainView) -> str | None:
@@ -263,6 +275,34 @@ def _consent_problem(kind: str, tx: Transaction, state: LedgerState, view: Chain
         return f"grant {tx['grant']} is revoked already" if view.is_revoked(tx["grant"]) else None
     if view.record(tx["record"]) is None:
         return f"an access to record {tx['record']}, which is not on the chain"
+    return None
+
+
+def _admission_problem(tx: Transaction, state: LedgerState) -> str | None:
+    """Why an admission cannot join the members of `state`: not a valid member, one already in or removed before,
+    a member to replace that is not one, or a node id, short id, URL or exchange key a remaining member holds."""
+    try:
+        member = Member.from_dict(tx["member"])
+    except InvalidIdentity as exc:
+        return f"an admission names no valid member: {exc}"
+    if member.node_id in state.members:
+        return f"an admission of {member.short_id}, already a member"
+    if member.node_id in state.removed:
+        return f"an admission of {member.short_id}, removed before: a removed key stays out (rotate it)"
+    members = state.members
+    replaced = tx.get(REPLACES)
+    if replaced is not None:
+        if replaced not in members:
+            why = "removed already" if replaced in state.removed else "not a member"
+            return f"an admission of {member.short_id} replacing {short_id(replaced)}, {why}"
+        members = members.without_member(replaced)
+    clash = members.clash(member)
+    if clash is not None:
+        what, other = clash
+        value = f" {member.url}" if what == "url" else ""
+        return (f"an admission of {member.short_id} with the {what}{value} of member {other.short_id} ({other.role}): "
+                f"no two members share one (a new key of that member: name it in '{REPLACES}'; another node: "
+                f"remove that member first, or give the new one its own)")
     return None
 
 
@@ -362,26 +402,21 @@ class SignedRules:
             if {**clean, **extra} != tx or "id" not in tx:
                 return "a record has a field of the wrong form, no id, or no signer and signature"
             return _keys_problem(tx) if KEYS in tx else None
-        if set(tx) != TYPE_FIELDS[kind]:
-            return f"a {kind} transaction must have exactly {', '.join(sorted(TYPE_FIELDS[kind]))}"
+        optional = OPTIONAL_FIELDS.get(kind, frozenset())
+        if not TYPE_FIELDS[kind] <= set(tx) <= TYPE_FIELDS[kind] | optional:
+            return f"a {kind} transaction must have exactly {', '.join(sorted(TYPE_FIELDS[kind]))}" + (
+                f" (and may have {', '.join(sorted(optional))})" if optional else "")
         if not isinstance(tx["id"], str) or not TRANSACTION_ID.fullmatch(tx["id"]):
             return "'id' must be 32 lowercase hex digits"
-        return CONSENT_SHAPES[kind](tx) if kind in CONSENT_SHAPES else None
+        return TYPE_SHAPES[kind](tx) if kind in TYPE_SHAPES else None
 
     @staticmethod
     def _meaning_problem(kind: str, tx: Transaction, state: LedgerState, view: ChainView | None) -> str | None:
         if kind in (GRANT, REVOKE, ACCESS, RECORD) and view is not None:
             return _consent_problem(kind, tx, state, view)
         if kind == ADMIT:
-            try:
-                member = Member.from_dict(tx["member"])
-            except InvalidIdentity as exc:
-                return f"an admission names no valid member: {exc}"
-            if member.node_id in state.members:
-                return f"an admission of {member.short_id}, already a member"
-            if member.node_id in state.removed:
-                return f"an admission of {member.short_id}, removed before: a removed key stays out (rotate it)"
-        elif kind == REMOVE:
+            return _admission_problem(tx, state)
+        if kind == REMOVE:
             if tx["node_id"] not in state.members:
                 return f"a removal of {short_id(str(tx['node_id']))}, not a member"
         return None
@@ -390,7 +425,10 @@ class SignedRules:
         """The state after a checked transaction."""
         kind = transaction_kind(tx)
         if kind == ADMIT:
-            return LedgerState(state.members.with_member(Member.from_dict(tx["member"])), state.removed)
+            members, removed = state.members, state.removed
+            if REPLACES in tx:
+                members, removed = members.without_member(tx[REPLACES]), removed | {tx[REPLACES]}
+            return LedgerState(members.with_member(Member.from_dict(tx["member"])), removed)
         if kind == REMOVE:
             return LedgerState(state.members.without_member(tx["node_id"]), state.removed | {tx["node_id"]})
         return state
@@ -438,6 +476,42 @@ class SignedRules:
         results = executor.map(check_signatures, [[item[:3] for item in chunk] for chunk in chunks])
         return frozenset((item[3], item[1]) for chunk, good in zip(chunks, results)
                          for item, ok in zip(chunk, good) if ok)
+
+    # -- this node's own standing -------------------------------------------------------------
+
+    def own_problem(self, state: LedgerState, action: Action, what: str) -> str | None:
+        """Why this node may not `what` (performing `action`) in `state`: it is not a member yet (admitted
+        members run with the founding file too, and write once their chain holds their admission), it was
+        removed, or its role may not. None if it may."""
+        me, network = self.node_id, state.members.network
+        member = state.members.get(me)
+        if member is None and me in state.removed:
+            return (f"this node ({short_id(me)}) was removed from the network {network}, so it may not {what}; "
+                    f"a healthcare authority may admit a new key of it (rotate it, then POST /admit_member with "
+                    f"'{REPLACES}' or after the removal)")
+        if member is None:
+            return (f"this node ({short_id(me)}) is not a member of the network {network} yet, so it may not "
+                    f"{what}: a healthcare authority must admit it (POST /admit_member with this node's GET "
+                    f"/identity; its id is {me}); it may write once that admission is mined and this node has "
+                    f"synced it from a member")
+        if not may(member.role, action):
+            return f"this node ({member.short_id}) is a {member.role} member, whose role may not {what}"
+        return None
+
+    def mining_problem(self, state: LedgerState) -> str | None:
+        """Why this node may not mine a block on a chain in `state`, or None (the chain asks before mining)."""
+        return self.own_problem(state, Action.MINE, "mine a block")
+
+    def standing(self, state: LedgerState) -> dict[str, Any]:
+        """This node's membership in `state`, for /identity and /health: member (true/false), status (member,
+        applicant or removed) and a message saying what to do."""
+        me = self.node_id
+        if me in state.members:
+            member = state.members.get(me)
+            return {"member": True, "status": "member",
+                    "message": f"a member ({member.role}) of the network {state.members.network}"}
+        return {"member": False, "status": "removed" if me in state.removed else "applicant",
+                "message": self.own_problem(state, Action.MINE, "write")}
 
     # -- signing, as this node --------------------------------------------------------------
 

@@ -123,17 +123,14 @@ class Members:
         self.settings: Mapping[str, Any] = MappingProxyType(_checked_settings(settings or {}))
         self._members: tuple[Member, ...] = tuple(members)
         self._by_id: dict[str, Member] = {}
-        seen: dict[tuple[str, Any], Member] = {}
+        self._held: dict[tuple[str, Any], Member] = {}  # (what, value) -> the member that holds it
         for member in self._members:
             if not isinstance(member, Member):
                 raise TypeError(f"not a Member: {member!r}")
-            for what, value in (("node id", member.node_id), ("short id", member.short_id),
-                                ("exchange key", member.identity.exchange_public_key), ("url", member.url)):
-                if value is None:
-                    continue
-                if (what, value) in seen:
-                    raise DuplicateMember(_duplicate_message(what, member, seen[what, value]))
-                seen[what, value] = member
+            for what, value in _identifying(member):
+                if (what, value) in self._held:
+                    raise DuplicateMember(_duplicate_message(what, member, self._held[what, value]))
+                self._held[what, value] = member
             self._by_id[member.node_id] = member
 
     # -- lookups ---------------------------------------------------------------------
@@ -157,6 +154,14 @@ class Members:
 
     def __len__(self) -> int:
         return len(self._members)
+
+    def clash(self, member: Member) -> tuple[str, Member] | None:
+        """What of `member` one of these members holds already (its "node id", "short id", "exchange key" or
+        "url"), and which member: no two members may share any of them. None if nothing clashes."""
+        for what, value in _identifying(member):
+            if (what, value) in self._held:
+                return what, self._held[what, value]
+        return None
 
     def by_role(self, role: str) -> tuple[Member, ...]:
         return tuple(member for member in self._members if member.role == role)
@@ -329,6 +334,15 @@ def _check_url(url: Any) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidIdentity(f"'url' {url!r} is not an http:// or https:// URL with a host")
+
+
+def _identifying(member: Member) -> Iterator[tuple[str, Any]]:
+    """What tells a member apart, and may belong to one member only."""
+    yield "node id", member.node_id
+    yield "short id", member.short_id
+    yield "exchange key", member.identity.exchange_public_key
+    if member.url is not None:
+        yield "url", member.url
 
 
 def _duplicate_message(what: str, member: Member, other: Member) -> str:

@@ -279,6 +279,11 @@ class Network:
             log.info("removed peer(s) %s", ", ".join(sorted(set(netlocs) - set(unknown))))
         return self.peers, unknown
 
+    def announce(self) -> None:
+        """Tell every peer about this node again (a node newly admitted to a signed network: its peers refused
+        it as an outsider before)."""
+        self._gossip("/connect_node", {"nodes": [self.own_url]})
+
     def fault(self, netloc: str, why: str) -> None:
         """Count a misbehaviour; drop the peer after max_peer_faults in a row."""
         with self._lock:
@@ -385,11 +390,16 @@ class Network:
         replaced = any(adopted for adopted, _ in verdicts.values())
         return replaced, {netloc: why for netloc, (_, why) in verdicts.items()}
 
-    def _sync_with(self, netloc: str) -> tuple[bool, str]:
+    def sync_with_url(self, base_url: str) -> tuple[bool, str]:
+        """Take the blocks of a node that is not (yet) a peer, if valid and preferred: a signed node vetting a
+        peer its chain does not know yet. Bounded like one peer's part of a sync."""
+        return self._sync_with(urlsplit(base_url).netloc, base_url)
+
+    def _sync_with(self, netloc: str, base_url: str | None = None) -> tuple[bool, str]:
         """Fetch one peer's blocks from a little before our last one on, and offer them to the chain."""
         with self._lock:
             peer = self._peers.get(netloc)
-        base_url = peer.base_url if peer else f"http://{netloc}"
+        base_url = peer.base_url if peer else base_url or f"http://{netloc}"
         ours = self.blockchain.chain
         start = max(GENESIS_INDEX + 1, len(ours) - self.blockchain.finality_depth + 1)
         try:

@@ -27,13 +27,13 @@ import fhir_r4 as fhir
 from blockchain import (MAX_TEXT_LENGTH, TIMESTAMP, TIMESTAMP_FORMAT, TRANSACTION_ID, Block, Blockchain, Receipt,
                         Transaction, check_transaction, hash_block, is_cid)
 from config import Config
-from errors import (BadInput, Busy, Conflict, Forbidden, InvalidIdentity, IpfsError, NodeError,
+from errors import (BadInput, Busy, Conflict, Forbidden, InvalidIdentity, IpfsError, NodeError, NotAMember,
                     NotFound, PathRefused, PeerError, PeerRefused, StateDamaged)
 from identity import NODE_ID, Identity, PublicIdentity, describe, load_or_create, short_id
 from keywrap import (BREAK_GLASS_PURPOSE, RECORD_KEY_PURPOSE, new_record_key, record_key_bytes, record_key_text,
                      unwrap_key, wrap_key)
-from ledger import (ACCESS, ADMIT, GRANT, KEYS, NETWORK_RULES, OPENED, REFUSED, REMOVE, REVOKE, LedgerState,
-                    SignedRules)
+from ledger import (ACCESS, ADMIT, GRANT, KEYS, NETWORK_RULES, OPENED, REFUSED, REMOVE, REPLACES, REVOKE,
+                    LedgerState, SignedRules)
 from members import Member, Members, load_members
 from ipfs_client import IpfsClient
 from mining import Miner
@@ -93,17 +93,17 @@ def node_identity(config: Config) -> Identity:
 
 
 def founding_members(config: Config, identity: Identity) -> Members:
-    """The founding members of this node's signed network: the shared members file, or this node alone."""
+    """The founding members of this node's signed network: the shared members file, or this node alone.
+
+    A node the file does not list starts too, with the same file (it is the network's founding, and changing it
+    would make another network): it is admitted later by a signed transaction, and writes nothing until its chain
+    holds that admission (Node.identity_info and its log say so)."""
     own = Member(identity.public(), config.role_name, config.own_url)
     if not config.members_file:
         return Members(f"{SOLO_NETWORK}-{identity.node_id[:SOLO_NAME_CHARACTERS]}", [own])
     members = load_members(config.members_file)
     listed = members.get(identity.node_id)
-    if listed is None:
-        raise StateDamaged(f"this node ({identity.short_id}) is not a member of the network {members.network} in "
-                           f"{config.members_file}: add its 'python app.py identity' output to the file (every "
-                           f"node needs the same copy), or start it with its own data directory's identity")
-    if listed.role != config.role_name:
+    if listed is not None and listed.role != config.role_name:
         raise StateDamaged(f"{config.members_file} lists this node ({identity.short_id}) as a {listed.role}, but it "
                            f"is started as a {config.role_name}")
     rules = {name: members.settings[name] for name in NETWORK_RULES if name in members.settings}
@@ -158,10 +158,15 @@ class Node:
         self._document_lock = threading.Lock()
         self.pinner = Pinner(self.ipfs, config.pin_records, self.may_open, timeout=config.pin_timeout,
                              workers=config.pin_workers, retry_max=config.pin_retry_max)
+        self._member = False  # (signed) whether this node is a member after our last block: logged as it changes
         self.blockchain.on_block = self._on_block
         self.store: Store | None = None
         if config.persist:
             self._restore()
+        if self.rules:
+            self._member = self.identity.node_id in self.blockchain.state().members
+            if not self._member:
+                log.warning("%s", self.rules.standing(self.blockchain.state())["message"])
 
     # -- the chain -----------------------------------------------------------
 
@@ -188,6 +193,7 @@ class Node:
         signs it: the record's owner is the member that signed it, `user_id` a label inside it."""
         if self.rules:
             tx = check_transaction(fields)
+            self._require_standing(Action.RECORD, "record a transaction")
             tx.setdefault("id", uuid.uuid4().hex)
             return self.network.add_transaction(self.rules.sign_transaction(tx))
         return self.network.add_transaction(fields)
@@ -239,7 +245,11 @@ class Node:
         return self.network.connect(urls, announce=self.network.sender_netloc(from_node) is None)
 
     def _vet_peer(self, base_url: str) -> None:
-        """On a signed network, a peer must be a member: ask it who it is, check the answer against the chain."""
+        """On a signed network, a peer must be a member: ask it who it is, check the answer against the chain.
+
+        One our chain does not know may have been admitted in blocks we do not hold yet (this node is new, or
+        was down): its chain is taken first if it is valid and preferred, as any peer's would be, and the
+        peer judged again."""
         try:
             answer, _ = self.network.client.get_json(base_url + "/identity")
             claimed = PublicIdentity.from_dict(answer)
@@ -248,6 +258,10 @@ class Node:
                               f"member") from None
         state = self.blockchain.state()
         member = state.members.get(claimed.node_id)
+        if member is None and claimed.node_id not in state.removed:
+            self.network.sync_with_url(base_url)
+            state = self.blockchain.state()
+            member = state.members.get(claimed.node_id)
         if member is None or member.identity != claimed:
             why = "a removed member" if claimed.node_id in state.removed else "not a member of this network"
             raise PeerRefused(f"{base_url} is {claimed.short_id}, {why} ({state.members.network}); a healthcare "
@@ -260,7 +274,8 @@ class Node:
         info = {**describe(self.identity, self.config.role_name, self.config.own_url),
                 "security": self.config.security}
         if self.rules:
-            info["network"] = {"name": self.rules.founding.network, "fingerprint": self.rules.founding.fingerprint}
+            info["network"] = {"name": self.rules.founding.network, "fingerprint": self.rules.founding.fingerprint,
+                               **self.rules.standing(self.blockchain.state())}
         return info
 
     def members(self) -> dict[str, Any]:
@@ -270,8 +285,10 @@ class Node:
                 "members": [{**member.to_dict(), "short_id": member.short_id} for member in state.members],
                 "removed": sorted(state.removed)}
 
-    def admit_member(self, member: Any) -> Receipt:
-        """A transaction admitting a member (as GET /identity describes it), signed by this node."""
+    def admit_member(self, member: Any, replaces: Any = None) -> Receipt:
+        """A transaction admitting a member (as GET /identity describes it), signed by this node. `replaces`: the
+        node id of a member it replaces (the same node with a rotated key), removed by the same transaction, so
+        the new one may take its URL and exchange key."""
         self._signed_state()
         if isinstance(member, dict):  # GET /identity's answer as it is: what it says of its network is not the member
             member = {key: value for key, value in member.items() if key not in IDENTITY_EXTRAS}
@@ -279,7 +296,11 @@ class Node:
             entry = Member.from_dict(member).to_dict()
         except InvalidIdentity as exc:
             raise BadInput(f"'member': {exc}") from None
-        return self._membership_change({"type": ADMIT, "member": entry})
+        if replaces is not None and not (isinstance(replaces, str) and NODE_ID.fullmatch(replaces)):
+            raise BadInput(f"'{REPLACES}' must be the node id of the member the new one replaces (52 characters of "
+                           f"lowercase base32), or left out")
+        return self._membership_change({"type": ADMIT, "member": entry,
+                                        **({REPLACES: replaces} if replaces is not None else {})})
 
     def remove_member(self, node_id: Any) -> Receipt:
         """A transaction removing a member, signed by this node. What it wrote before stays valid."""
@@ -292,12 +313,22 @@ class Node:
         if not may(self.config.role_name, Action.ADMIT):
             raise Forbidden(f"a {self.config.role_name} node may not change the members: only a healthcare "
                             f"authority may")
+        self._require_standing(Action.ADMIT, "change the members")
         return self.network.add_transaction(self.rules.sign_transaction({**fields, "id": uuid.uuid4().hex}))
 
     def _signed_state(self) -> LedgerState:
         if not self.rules:
             raise NotFound("this node runs the paper's open network (--security paper): it has no members")
         return self.blockchain.state()
+
+    def _require_standing(self, action: Action, what: str) -> LedgerState:
+        """The state now, if this node may sign `what` in it; NotAMember saying why not (not admitted yet,
+        removed) and what to ask for, before anything is signed, sent or stored."""
+        state = self._signed_state()
+        problem = self.rules.own_problem(state, action, what)
+        if problem:
+            raise NotAMember(problem)
+        return state
 
     def remove_peers(self, urls: Any) -> tuple[list[str], list[str]]:
         """Forget peers: (peers left, entries that were not peers)."""
@@ -315,9 +346,12 @@ class Node:
         return replaced, self.blockchain.chain, report
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "port": self.config.port, "role": self.config.role_name,
-                "length": len(self.blockchain), "pending": self.blockchain.pending_count,
-                "peers": self.network.peers, "ipfs_api": self.config.ipfs_api, "records": self.pinner.summary()}
+        report = {"status": "ok", "port": self.config.port, "role": self.config.role_name,
+                  "length": len(self.blockchain), "pending": self.blockchain.pending_count,
+                  "peers": self.network.peers, "ipfs_api": self.config.ipfs_api, "records": self.pinner.summary()}
+        if self.rules:
+            report["membership"] = self.rules.standing(self.blockchain.state())
+        return report
 
     # -- records kept by the chain (pinning.py) ------------------------------
 
@@ -342,9 +376,21 @@ class Node:
         """Each block that joins the chain: its records are queued for pinning, and a grant to this node makes
         the records it skipped (pin_records=openable) worth another look."""
         self.pinner.on_block(block)
-        if self.rules and any(tx.get("type") == GRANT and tx.get("grantee") == self.identity.node_id
-                              for tx in block["transactions"]):
+        if not self.rules:
+            return
+        if any(tx.get("type") == GRANT and tx.get("grantee") == self.identity.node_id
+               for tx in block["transactions"]):
             self.pinner.reconsider()
+        state = self.blockchain.state()
+        member = self.identity.node_id in state.members
+        if member != self._member:
+            self._member = member
+            if member:  # the peers that refused this node as an outsider take it now
+                log.warning("this node (%s) is now %s, admitted in block %d: it may write", self.identity.short_id,
+                            self.rules.standing(state)["message"], block["index"])
+                self.network.announce()
+            else:
+                log.warning("block %d: %s", block["index"], self.rules.standing(state)["message"])
 
     def record_status(self, cid: Any, ask_peers: Any = True) -> dict[str, Any]:
         """Where a record of the chain is held: this node's own copy (pinned, fetching, failed and why) and which
@@ -588,6 +634,7 @@ class Node:
         """Refuse a publish whose fields are wrong before any file is read, encrypted or added to IPFS."""
         check_transaction({"user_id": user_id, "ipfs_hash": PLACEHOLDER_CID, "EHR_name": ehr_name})
         if self.rules:
+            self._require_standing(Action.RECORD, "record a transaction")
             if password not in (None, ""):
                 raise BadInput("'password': on a signed network a record is encrypted with a key of its own, wrapped "
                                "for its owner and the members it is granted to; send no password")
@@ -632,7 +679,7 @@ class Node:
               versions: Any = ALL_VERSIONS) -> Receipt:
         """A grant of one record (a CID), or of every version of one (a name), to a member: each record's key
         wrapped for the member, bound to the record and the member; signed by this node, the records' owner."""
-        state = self._signed_state()
+        state = self._require_standing(Action.GRANT, "grant access")
         grantee = state.members.get(member) if isinstance(member, str) else None
         if grantee is None:
             raise BadInput(f"'member' must be the node id of a member of this network (GET /members)")
@@ -649,7 +696,7 @@ class Node:
     def revoke(self, grant_id: Any) -> Receipt:
         """A revocation of one of this node's grants: from the block that holds it, no honest node opens a record
         under that grant. It cannot take back a copy already decrypted."""
-        self._signed_state()
+        self._require_standing(Action.GRANT, "revoke a grant")
         if not isinstance(grant_id, str) or not TRANSACTION_ID.fullmatch(grant_id):
             raise BadInput("'grant' must be a grant's id (GET /grants)")
         return self.network.add_transaction(self.rules.sign_transaction(
@@ -678,7 +725,7 @@ class Node:
         """Fetch a record from IPFS and decrypt it into the downloads folder with the key a valid grant wraps for
         this node (or, for its owner, its own; for an emergency member with a stated reason, its break-glass
         copy). No password in any request. Every open and every refusal is recorded on the chain."""
-        state = self._signed_state()
+        self._require_standing(Action.FETCH, "open records")
         if not isinstance(emergency, bool):
             raise BadInput("'emergency' must be true or false")
         for field, value in (("purpose", purpose), ("reason", reason)):
@@ -686,8 +733,6 @@ class Node:
                 raise BadInput(f"'{field}' must be text of at most {MAX_TEXT_LENGTH} characters")
         tx = self._record(record)
         cid, me = tx["ipfs_hash"], self.identity.node_id
-        if me not in state.members:
-            raise Forbidden(f"this node ({self.identity.short_id}) was removed from the network: it opens nothing")
         grant_id, wrapped, key_purpose = "", None, RECORD_KEY_PURPOSE
         if emergency:
             if not reason.strip():

@@ -211,6 +211,9 @@ _crypt_result = _object({"message": _message, "file_path": {"type": "string"}, "
 _ipfs_errors = (404, 502, 503, 504)
 _membership_receipt = _object({"message": {"type": "string"}, "index": {"type": "integer"}, "id": {"type": "string"}},
                               ["message", "index", "id"])
+_standing = _object({"member": {"type": "boolean"}, "status": {"type": "string", "enum": ["member", "applicant",
+                                                                                         "removed"]},
+                     "message": _message}, ["member", "status", "message"])
 _node_list = {"type": "array", "minItems": 1, "maxItems": 32, "items": {"type": "string", "format": "uri"}}
 
 PATHS: dict[str, Any] = {
@@ -296,11 +299,13 @@ PATHS: dict[str, Any] = {
                         {"file_path": "downloads/MRI.pdf.aes", "password": "shared secret"}), tag="encryption")},
     "/identity": {"get": _operation(
         "Who this node is: its id (a fingerprint of its signing key; short_id to read aloud), role, URL, public "
-        "keys, its security mode and, on a signed network, the network", {200: _object({
+        "keys, its security mode and, on a signed network, the network and whether this node is a member of it "
+        "(a node not admitted yet, or removed, says what to ask for)", {200: _object({
             "node_id": {"type": "string", "pattern": "^[a-z2-7]{52}$"}, "short_id": _message, "role": _message,
             "url": {"type": ["string", "null"]}, "signing_public_key": _message, "exchange_public_key": _message,
             "security": {"type": "string", "enum": ["paper", "signed"]},
-            "network": _object({"name": _message, "fingerprint": _message}, ["name", "fingerprint"])},
+            "network": _object({"name": _message, "fingerprint": _message, **_standing["properties"]},
+                               ["name", "fingerprint", *_standing["required"]])},
             ["node_id", "short_id", "role", "signing_public_key", "exchange_public_key", "security"])},
         tag="membership")},
     "/members": {"get": _operation(
@@ -311,9 +316,12 @@ PATHS: dict[str, Any] = {
                       ["network", "founding_fingerprint", "members", "removed"])}, 404, tag="membership")},
     "/admit_member": {"post": _operation(
         "Signed network, healthcare authority: admit a member (as its GET /identity describes it) by a signed "
-        "transaction; it may write once the transaction is mined",
+        "transaction; it may write once the transaction is mined. `replaces`: the member it replaces (the same "
+        "node with a rotated key), removed by the same transaction, whose URL and exchange key it may take",
         {201: _membership_receipt, 200: _membership_receipt}, 404, 503,
-        body=_json_body(_object({"member": _ref("Member")}, ["member"])), tag="membership")},
+        body=_json_body(_object({"member": _ref("Member"),
+                                 "replaces": {"type": "string", "pattern": "^[a-z2-7]{52}$"}}, ["member"])),
+        tag="membership")},
     "/remove_member": {"post": _operation(
         "Signed network, healthcare authority: remove a member by a signed transaction; its later writes are "
         "refused, its earlier ones stay valid",
@@ -381,11 +389,12 @@ PATHS: dict[str, Any] = {
             ("since", {"type": "string"}), ("until", {"type": "string"}),
             ("limit", {"type": "string", "pattern": "^[0-9]{1,4}$"}))], tag="consent")},
     "/health": {"get": _operation(
-        "Port, role, chain length, pending count, peers; on a node with an API key, only status and role "
-        "without it", {200: _object(
+        "Port, role, chain length, pending count, peers, and on a signed network whether this node is a member; "
+        "on a node with an API key, only status and role without it", {200: _object(
             {"status": _message, "port": {"type": "integer"}, "role": _message, "length": {"type": "integer"},
              "pending": {"type": "integer"}, "peers": {"type": "array", "items": {"type": "string"}},
-             "ipfs_api": _message, "records": _ref("RecordsSummary")}, ["status", "role"])}, tag="operations")},
+             "ipfs_api": _message, "records": _ref("RecordsSummary"), "membership": _standing},
+            ["status", "role"])}, tag="operations")},
     "/records/{cid}": {"get": _operation(
         "Where a record of the chain is held: this node's own pinned copy (pinned, fetching, failed and why) and "
         "which peers hold one", {200: _ref("RecordStatus")}, 404,
