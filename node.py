@@ -27,7 +27,7 @@ import fhir_r4 as fhir
 from blockchain import (MAX_TEXT_LENGTH, TIMESTAMP, TIMESTAMP_FORMAT, TRANSACTION_ID, Block, Blockchain, Receipt,
                         Transaction, check_transaction, hash_block, is_cid)
 from config import Config
-from errors import (BadInput, Busy, Conflict, Forbidden, InvalidIdentity, IpfsError, NodeError,
+from errors import (BadInput, Busy, Conflict, Forbidden, InvalidIdentity, IpfsError, KeyUnwrapError, NodeError,
                     NotFound, PathRefused, PeerError, PeerRefused, StateDamaged)
 from identity import NODE_ID, Identity, PublicIdentity, describe, load_or_create, short_id
 from keywrap import (BREAK_GLASS_PURPOSE, RECORD_KEY_PURPOSE, new_record_key, record_key_bytes, record_key_text,
@@ -688,29 +688,29 @@ class Node:
         cid, me = tx["ipfs_hash"], self.identity.node_id
         if me not in state.members:
             raise Forbidden(f"this node ({self.identity.short_id}) was removed from the network: it opens nothing")
-        grant_id, wrapped, key_purpose = "", None, RECORD_KEY_PURPOSE
+        key_purpose = RECORD_KEY_PURPOSE
         if emergency:
             if not reason.strip():
                 self._refuse(cid, "", purpose, True, "a break-glass open needs a stated reason")
             if me not in tx.get(KEYS, {}) or tx["signer"] == me:
                 self._refuse(cid, "", purpose, True, f"this node is not one of the network's emergency members for "
                                                      f"record {cid}")
-            wrapped, key_purpose = tx[KEYS][me], BREAK_GLASS_PURPOSE
+            keys, key_purpose = [("", tx[KEYS][me])], BREAK_GLASS_PURPOSE
         elif tx["signer"] == me and me in tx.get(KEYS, {}):
-            wrapped = tx[KEYS][me]
+            keys = [("", tx[KEYS][me])]
         else:
-            grant_id, wrapped = self._valid_grant(cid, purpose)
-        secret = unwrap_key(wrapped, self.identity.exchange_private_key, cid=cid, grantee=me, purpose=key_purpose)
+            keys = self._valid_grants(cid, purpose)
+        grant_id, secret = self._unwrapped(cid, keys, key_purpose, purpose, emergency)
         path, size = self._fetch_and_decrypt(tx, record_key_text(secret))
         self._log_access(cid, OPENED, grant_id, reason if emergency else "", purpose, emergency)
         return {"message": "The record is decrypted into your downloads folder", "path": path, "size": size,
                 "record": cid, "grant": grant_id or None, "emergency": emergency}
 
-    def _valid_grant(self, cid: str, purpose: str) -> tuple[str, Any]:
-        """(grant id, the key it wraps for this node) of the newest valid grant of `cid` to this node; else the
-        refusal is recorded and Forbidden says why."""
+    def _valid_grants(self, cid: str, purpose: str) -> list[tuple[str, Any]]:
+        """(grant id, the key it wraps for this node) of every valid grant of `cid` to this node, newest first;
+        if there is none, the refusal is recorded and Forbidden says why (of the newest grant, if any)."""
         index, me = self.rules.index, self.identity.node_id
-        refusals = []  # (grant, why it does not hold), newest first: the newest one's is the answer
+        valid, refusals = [], []  # refusals: (grant, why it does not hold), newest first
         for grant_id in reversed(index.grants_for.get((me, cid), [])):
             _, grant = index.grants[grant_id]
             if grant_id in index.revoked:
@@ -718,11 +718,30 @@ class Node:
             elif grant["expires"] and grant["expires"] < _now():
                 refusals.append((grant_id, f"grant {grant_id} expired at {grant['expires']}"))
             else:
-                return grant_id, next(entry["key"] for entry in grant["records"] if entry["cid"] == cid)
+                valid.append((grant_id, next(entry["key"] for entry in grant["records"] if entry["cid"] == cid)))
+        if valid:
+            return valid
         grant_id, why = refusals[0] if refusals else ("", f"no grant of record {cid} to this node "
                                                           f"({self.identity.short_id})")
         self._refuse(cid, grant_id, purpose, False, why)
         raise AssertionError("unreachable: _refuse raises")
+
+    def _unwrapped(self, cid: str, keys: list[tuple[str, Any]], key_purpose: str, purpose: str,
+                   emergency: bool) -> tuple[str, bytes]:
+        """(grant id, record key) of the first of `keys` (grant id, wrapped key; newest first) that opens for this
+        record and this node: a newer grant whose key does not open (copied from another grant) does not hide an
+        older one that does. If none opens, the refusal is recorded under the newest and its KeyUnwrapError
+        raised."""
+        me, failed = self.identity.node_id, []
+        for grant_id, wrapped in keys:
+            try:
+                return grant_id, unwrap_key(wrapped, self.identity.exchange_private_key, cid=cid, grantee=me,
+                                            purpose=key_purpose)
+            except KeyUnwrapError as exc:
+                failed.append((grant_id, exc))
+        grant_id, error = failed[0]
+        self._log_access(cid, REFUSED, grant_id, str(error), purpose, emergency)
+        raise error
 
     def _refuse(self, cid: str, grant_id: str, purpose: str, emergency: bool, why: str) -> None:
         self._log_access(cid, REFUSED, grant_id, why, purpose, emergency)
