@@ -7,6 +7,7 @@ methods. Nothing here knows HTTP: failures are the errors of errors.py.
 from __future__ import annotations
 
 import functools
+import heapq
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
 
@@ -32,8 +34,8 @@ from errors import (BadInput, Busy, Conflict, Forbidden, InvalidIdentity, IpfsEr
 from identity import NODE_ID, Identity, PublicIdentity, describe, load_or_create, short_id
 from keywrap import (BREAK_GLASS_PURPOSE, RECORD_KEY_PURPOSE, new_record_key, record_key_bytes, record_key_text,
                      unwrap_key, wrap_key)
-from ledger import (ACCESS, ADMIT, GRANT, KEYS, NETWORK_RULES, OPENED, REFUSED, REMOVE, REVOKE, LedgerState,
-                    SignedRules)
+from ledger import (ACCESS, ADMIT, GRANT, KEYS, NETWORK_RULES, OPENED, REFUSED, REMOVE, REVOKE, Access,
+                    LedgerState, SignedRules)
 from members import Member, Members, load_members
 from ipfs_client import IpfsClient
 from mining import Miner
@@ -826,27 +828,26 @@ class Node:
         if record is not None:
             cids = {tx["ipfs_hash"] for tx in [self._record(record)]} if record in index.records else \
                 {tx["ipfs_hash"] for _, tx in self.blockchain.find_records(str(record))}
-        base = index.accesses_by.get((owner, member), []) if member else \
-            [entry for cid in cids for entry in index.accesses_of.get(cid, [])] if cids is not None else \
-            index.accesses.get(owner, [])
-        if cids is not None and member is None:
-            base = sorted(base, key=lambda entry: entry[0])
+        sources = [index.accesses_by.get((owner, member), [])] if member else \
+            [index.accesses_of.get(cid, []) for cid in cids] if cids is not None else [index.accesses.get(owner, [])]
+        newest_first = heapq.merge(*map(reversed, sources), key=_access_order, reverse=True)
 
-        def keep(entry: tuple[int, Transaction]) -> bool:
-            _, tx = entry
+        def keep(entry: Access) -> bool:
+            tx = entry.tx
             record_tx = index.records[tx["record"]][1]
             return (record_tx["signer"] == owner and (cids is None or tx["record"] in cids)
                     and (member is None or tx["signer"] == member)
                     and (user_id is None or record_tx["user_id"] == user_id)
                     and (since is None or tx["at"] >= since) and (until is None or tx["at"] <= until))
 
-        emergency = [self._describe_access(entry) for entry in _newest(index.emergencies.get(owner, []), keep, limit)]
+        emergency = [self._describe_access(entry) for entry in
+                     _newest(reversed(index.emergencies.get(owner, [])), keep, limit)]
         others = [self._describe_access(entry) for entry in
-                  _newest((entry for entry in base if not entry[1]["emergency"]), keep, limit - len(emergency))]
+                  _newest((entry for entry in newest_first if not entry.tx["emergency"]), keep, limit - len(emergency))]
         return {"owner": owner, "accesses": emergency + others, "count": len(emergency) + len(others)}
 
-    def _describe_access(self, entry: tuple[int, Transaction]) -> dict[str, Any]:
-        block, tx = entry
+    def _describe_access(self, entry: Access) -> dict[str, Any]:
+        block, tx = entry.block, entry.tx
         record_tx = self.rules.index.records[tx["record"]][1]
         return {"block": block, "at": tx["at"], "member": tx["signer"], "member_short_id": short_id(tx["signer"]),
                 "record": tx["record"], "EHR_name": record_tx["EHR_name"], "user_id": record_tx["user_id"],
@@ -1305,15 +1306,11 @@ def _now() -> str:
     return datetime.now().strftime(TIMESTAMP_FORMAT)
 
 
-def _newest(entries: Iterable[tuple[int, Transaction]], keep: Callable[[tuple[int, Transaction]], bool],
-            limit: int) -> list[tuple[int, Transaction]]:
-    """Up to `limit` of `entries` (oldest first) that `keep` accepts, newest first."""
-    found: list[tuple[int, Transaction]] = []
-    if limit <= 0:
-        return found
-    for entry in reversed(list(entries) if not isinstance(entries, list) else entries):
-        if keep(entry):
-            found.append(entry)
-            if len(found) == limit:
-                break
-    return found
+def _access_order(entry: Access) -> int:
+    return entry.order
+
+
+def _newest(newest_first: Iterable[Access], keep: Callable[[Access], bool], limit: int) -> list[Access]:
+    """The first `limit` of `newest_first` that `keep` accepts, read lazily: an answer costs the accesses it holds
+    and those it skips, never the length of the whole trail."""
+    return list(islice(filter(keep, newest_first), max(limit, 0)))

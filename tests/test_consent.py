@@ -223,3 +223,19 @@ def test_break_glass_needs_a_reason_is_recorded_and_flagged_first(trio) -> None:
     assert accesses[1]["reason"] == "unconscious in the emergency room" and accesses[1]["outcome"] == "opened"
     assert accesses[2]["outcome"] == "refused"
     assert [entry["emergency"] for entry in accesses[3:]] == [False]
+
+
+def test_the_audit_of_a_record_by_name_lists_its_versions_accesses_in_the_order_they_happened(trio) -> None:
+    patient, authority, provider = trio
+    older = publish(patient)
+    settle(trio)
+    newer = publish(patient)  # the same file again: a new key, a new CID, the next version of "MRI"
+    settle(trio)
+    grant(patient, "MRI", node_id(provider))  # every version
+    settle(trio)
+    opened = [older, newer, older]
+    for cid in opened:
+        assert provider.post("/open_record", {"record": cid}).status_code == 200
+    settle(trio)  # the three accesses in one block
+    accesses = patient.get("/audit?record=MRI").json()["accesses"]
+    assert [entry["record"] for entry in accesses] == list(reversed(opened))
