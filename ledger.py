@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from blockchain import (CONTROL_CHARACTER, MAX_TEXT_LENGTH, TIMESTAMP, TRANSACTION_ID, Block, Transaction,
                         check_transaction, hash_block, is_cid)
@@ -93,6 +93,15 @@ def transaction_kind(tx: Transaction) -> str:
 
 # -- consent: grants, revocations, accesses --------------------------------------------------
 
+class Access(NamedTuple):
+    """An access transaction as the index holds it: its block, itself, and its place among all the accesses on
+    the chain (0 for the first), which orders accesses within a block too, for merging several lists."""
+
+    block: int
+    tx: Transaction
+    order: int
+
+
 class ConsentIndex:
     """Who owns which record, which grants and revocations exist, and every access, as the chain holds them.
 
@@ -109,10 +118,12 @@ class ConsentIndex:
         self.revoked: dict[str, int] = {}  # grant id -> the block of its revocation
         self.grants_for: dict[tuple[str, str], list[str]] = {}  # (grantee, cid) -> grant ids, oldest first
         self.granted_by: dict[str, list[str]] = {}  # owner -> its grant ids, oldest first
-        self.accesses: dict[str, list[tuple[int, Transaction]]] = {}  # owner -> accesses to its records
-        self.emergencies: dict[str, list[tuple[int, Transaction]]] = {}  # owner -> its break-glass accesses
-        self.accesses_by: dict[tuple[str, str], list[tuple[int, Transaction]]] = {}  # (owner, member) -> accesses
-        self.accesses_of: dict[str, list[tuple[int, Transaction]]] = {}  # cid -> accesses
+        # Accesses, each list oldest first (the chain's order), so that a query can read it backwards and stop.
+        self.accesses: dict[str, list[Access]] = {}  # owner -> accesses to its records
+        self.emergencies: dict[str, list[Access]] = {}  # owner -> its break-glass accesses
+        self.accesses_by: dict[tuple[str, str], list[Access]] = {}  # (owner, member) -> accesses
+        self.accesses_of: dict[str, list[Access]] = {}  # cid -> accesses
+        self.access_count = 0
 
     def add_block(self, block: Block) -> None:
         for tx in block["transactions"]:
@@ -131,7 +142,8 @@ class ConsentIndex:
             self.revoked.setdefault(tx["grant"], index)
         elif kind == ACCESS and tx["record"] in self.records:
             owner = self.records[tx["record"]][1][SIGNER]
-            entry = (index, tx)
+            entry = Access(index, tx, self.access_count)
+            self.access_count += 1
             self.accesses.setdefault(owner, []).append(entry)
             if tx["emergency"]:
                 self.emergencies.setdefault(owner, []).append(entry)

@@ -7,6 +7,7 @@ methods. Nothing here knows HTTP: failures are the errors of errors.py.
 from __future__ import annotations
 
 import functools
+import heapq
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
 
@@ -27,12 +29,12 @@ import fhir_r4 as fhir
 from blockchain import (MAX_TEXT_LENGTH, TIMESTAMP, TIMESTAMP_FORMAT, TRANSACTION_ID, Block, Blockchain, Receipt,
                         Transaction, check_transaction, hash_block, is_cid)
 from config import Config
-from errors import (BadInput, Busy, Conflict, Forbidden, InvalidIdentity, IpfsError, NodeError, NotAMember,
-                    NotFound, PathRefused, PeerError, PeerRefused, StateDamaged)
+from errors import (BadInput, Busy, Conflict, Forbidden, InvalidIdentity, IpfsError, KeyUnwrapError, NodeError,
+                    NotAMember, NotFound, PathRefused, PeerError, PeerRefused, StateDamaged)
 from identity import NODE_ID, Identity, PublicIdentity, describe, load_or_create, short_id
 from keywrap import (BREAK_GLASS_PURPOSE, RECORD_KEY_PURPOSE, new_record_key, record_key_bytes, record_key_text,
                      unwrap_key, wrap_key)
-from ledger import (ACCESS, ADMIT, GRANT, KEYS, NETWORK_RULES, OPENED, REFUSED, REMOVE, REPLACES, REVOKE,
+from ledger import (ACCESS, ADMIT, GRANT, KEYS, NETWORK_RULES, OPENED, REFUSED, REMOVE, REPLACES, REVOKE, Access,
                     LedgerState, SignedRules)
 from members import Member, Members, load_members
 from ipfs_client import IpfsClient
@@ -733,29 +735,29 @@ class Node:
                 raise BadInput(f"'{field}' must be text of at most {MAX_TEXT_LENGTH} characters")
         tx = self._record(record)
         cid, me = tx["ipfs_hash"], self.identity.node_id
-        grant_id, wrapped, key_purpose = "", None, RECORD_KEY_PURPOSE
+        key_purpose = RECORD_KEY_PURPOSE
         if emergency:
             if not reason.strip():
                 self._refuse(cid, "", purpose, True, "a break-glass open needs a stated reason")
             if me not in tx.get(KEYS, {}) or tx["signer"] == me:
                 self._refuse(cid, "", purpose, True, f"this node is not one of the network's emergency members for "
                                                      f"record {cid}")
-            wrapped, key_purpose = tx[KEYS][me], BREAK_GLASS_PURPOSE
+            keys, key_purpose = [("", tx[KEYS][me])], BREAK_GLASS_PURPOSE
         elif tx["signer"] == me and me in tx.get(KEYS, {}):
-            wrapped = tx[KEYS][me]
+            keys = [("", tx[KEYS][me])]
         else:
-            grant_id, wrapped = self._valid_grant(cid, purpose)
-        secret = unwrap_key(wrapped, self.identity.exchange_private_key, cid=cid, grantee=me, purpose=key_purpose)
+            keys = self._valid_grants(cid, purpose)
+        grant_id, secret = self._unwrapped(cid, keys, key_purpose, purpose, emergency)
         path, size = self._fetch_and_decrypt(tx, record_key_text(secret))
         self._log_access(cid, OPENED, grant_id, reason if emergency else "", purpose, emergency)
         return {"message": "The record is decrypted into your downloads folder", "path": path, "size": size,
                 "record": cid, "grant": grant_id or None, "emergency": emergency}
 
-    def _valid_grant(self, cid: str, purpose: str) -> tuple[str, Any]:
-        """(grant id, the key it wraps for this node) of the newest valid grant of `cid` to this node; else the
-        refusal is recorded and Forbidden says why."""
+    def _valid_grants(self, cid: str, purpose: str) -> list[tuple[str, Any]]:
+        """(grant id, the key it wraps for this node) of every valid grant of `cid` to this node, newest first;
+        if there is none, the refusal is recorded and Forbidden says why (of the newest grant, if any)."""
         index, me = self.rules.index, self.identity.node_id
-        refusals = []  # (grant, why it does not hold), newest first: the newest one's is the answer
+        valid, refusals = [], []  # refusals: (grant, why it does not hold), newest first
         for grant_id in reversed(index.grants_for.get((me, cid), [])):
             _, grant = index.grants[grant_id]
             if grant_id in index.revoked:
@@ -763,11 +765,30 @@ class Node:
             elif grant["expires"] and grant["expires"] < _now():
                 refusals.append((grant_id, f"grant {grant_id} expired at {grant['expires']}"))
             else:
-                return grant_id, next(entry["key"] for entry in grant["records"] if entry["cid"] == cid)
+                valid.append((grant_id, next(entry["key"] for entry in grant["records"] if entry["cid"] == cid)))
+        if valid:
+            return valid
         grant_id, why = refusals[0] if refusals else ("", f"no grant of record {cid} to this node "
                                                           f"({self.identity.short_id})")
         self._refuse(cid, grant_id, purpose, False, why)
         raise AssertionError("unreachable: _refuse raises")
+
+    def _unwrapped(self, cid: str, keys: list[tuple[str, Any]], key_purpose: str, purpose: str,
+                   emergency: bool) -> tuple[str, bytes]:
+        """(grant id, record key) of the first of `keys` (grant id, wrapped key; newest first) that opens for this
+        record and this node: a newer grant whose key does not open (copied from another grant) does not hide an
+        older one that does. If none opens, the refusal is recorded under the newest and its KeyUnwrapError
+        raised."""
+        me, failed = self.identity.node_id, []
+        for grant_id, wrapped in keys:
+            try:
+                return grant_id, unwrap_key(wrapped, self.identity.exchange_private_key, cid=cid, grantee=me,
+                                            purpose=key_purpose)
+            except KeyUnwrapError as exc:
+                failed.append((grant_id, exc))
+        grant_id, error = failed[0]
+        self._log_access(cid, REFUSED, grant_id, str(error), purpose, emergency)
+        raise error
 
     def _refuse(self, cid: str, grant_id: str, purpose: str, emergency: bool, why: str) -> None:
         self._log_access(cid, REFUSED, grant_id, why, purpose, emergency)
@@ -852,27 +873,26 @@ class Node:
         if record is not None:
             cids = {tx["ipfs_hash"] for tx in [self._record(record)]} if record in index.records else \
                 {tx["ipfs_hash"] for _, tx in self.blockchain.find_records(str(record))}
-        base = index.accesses_by.get((owner, member), []) if member else \
-            [entry for cid in cids for entry in index.accesses_of.get(cid, [])] if cids is not None else \
-            index.accesses.get(owner, [])
-        if cids is not None and member is None:
-            base = sorted(base, key=lambda entry: entry[0])
+        sources = [index.accesses_by.get((owner, member), [])] if member else \
+            [index.accesses_of.get(cid, []) for cid in cids] if cids is not None else [index.accesses.get(owner, [])]
+        newest_first = heapq.merge(*map(reversed, sources), key=_access_order, reverse=True)
 
-        def keep(entry: tuple[int, Transaction]) -> bool:
-            _, tx = entry
+        def keep(entry: Access) -> bool:
+            tx = entry.tx
             record_tx = index.records[tx["record"]][1]
             return (record_tx["signer"] == owner and (cids is None or tx["record"] in cids)
                     and (member is None or tx["signer"] == member)
                     and (user_id is None or record_tx["user_id"] == user_id)
                     and (since is None or tx["at"] >= since) and (until is None or tx["at"] <= until))
 
-        emergency = [self._describe_access(entry) for entry in _newest(index.emergencies.get(owner, []), keep, limit)]
+        emergency = [self._describe_access(entry) for entry in
+                     _newest(reversed(index.emergencies.get(owner, [])), keep, limit)]
         others = [self._describe_access(entry) for entry in
-                  _newest((entry for entry in base if not entry[1]["emergency"]), keep, limit - len(emergency))]
+                  _newest((entry for entry in newest_first if not entry.tx["emergency"]), keep, limit - len(emergency))]
         return {"owner": owner, "accesses": emergency + others, "count": len(emergency) + len(others)}
 
-    def _describe_access(self, entry: tuple[int, Transaction]) -> dict[str, Any]:
-        block, tx = entry
+    def _describe_access(self, entry: Access) -> dict[str, Any]:
+        block, tx = entry.block, entry.tx
         record_tx = self.rules.index.records[tx["record"]][1]
         return {"block": block, "at": tx["at"], "member": tx["signer"], "member_short_id": short_id(tx["signer"]),
                 "record": tx["record"], "EHR_name": record_tx["EHR_name"], "user_id": record_tx["user_id"],
@@ -1331,15 +1351,11 @@ def _now() -> str:
     return datetime.now().strftime(TIMESTAMP_FORMAT)
 
 
-def _newest(entries: Iterable[tuple[int, Transaction]], keep: Callable[[tuple[int, Transaction]], bool],
-            limit: int) -> list[tuple[int, Transaction]]:
-    """Up to `limit` of `entries` (oldest first) that `keep` accepts, newest first."""
-    found: list[tuple[int, Transaction]] = []
-    if limit <= 0:
-        return found
-    for entry in reversed(list(entries) if not isinstance(entries, list) else entries):
-        if keep(entry):
-            found.append(entry)
-            if len(found) == limit:
-                break
-    return found
+def _access_order(entry: Access) -> int:
+    return entry.order
+
+
+def _newest(newest_first: Iterable[Access], keep: Callable[[Access], bool], limit: int) -> list[Access]:
+    """The first `limit` of `newest_first` that `keep` accepts, read lazily: an answer costs the accesses it holds
+    and those it skips, never the length of the whole trail."""
+    return list(islice(filter(keep, newest_first), max(limit, 0)))

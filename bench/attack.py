@@ -4,8 +4,9 @@ In one run, round by round and interleaved, the same node serves honest add_tran
 its own process) once with no attacker and once under attack, and /health is timed in both. The attack: 10
 hostile peers (dripping, endless, garbage, deeply nested and packed answers, reconnecting when dropped), 100
 sockets trickling request heads (slowloris) and slow readers of a large download. Goals: add_transaction under
-attack >= 70% of the same run without attackers; /health p99 under attack < 100 ms; every acknowledged transaction
-in the chain exactly once.
+attack >= 70% of the same run without attackers; /health p99 < 100 ms in those same attacked runs, timed while the
+honest load runs (the p99 of the attack alone, before the load starts, is reported only); every acknowledged
+transaction in the chain exactly once.
 
 Attackers are a list (`make_attackers`): each is started before a measured run, keeps up its pressure during it
 (reconnecting when the node cuts it off), and is stopped after it with a few numbers of its own. Another kind plugs
@@ -346,6 +347,8 @@ def run(ctx: Any) -> dict[str, Any]:
     p99 = {mode: {kind: _ms(samples, 0.99) for kind, samples in kinds.items()} for mode, kinds in health.items()}
     health_failures = sum(sum(r[key]["failures"].values()) for r in runs["attack"]
                           for key in ("health_alone_ms", "health_with_load_ms"))
+    health_p99 = p99["attack"]["with load"]  # the goal: /health in the very runs whose throughput is judged
+    health_met = health_p99 < HEALTH_P99_GOAL_MS and not health_failures
     attack_text = (f"{args.hostile_peers} hostile peers + {args.slow_heads} slow heads + {args.slow_readers} slow "
                    f"readers of {args.slow_file_mib} MiB")
     goals = [
@@ -354,14 +357,14 @@ def run(ctx: Any) -> dict[str, Any]:
          "measured": f"{share:.0%} ({attack_rate:.0f} vs {quiet_rate:.0f} req/s, medians of "
                      f"{len(ratios)} interleaved rounds)",
          "met": share >= RATE_GOAL, "miss": None if share >= RATE_GOAL else f"by {RATE_GOAL - share:.0%} points"},
-        {"item": "7", "name": f"/health p99 under attack ({attack_text})",
+        {"item": "7", "name": f"/health p99 under attack ({attack_text}) while the honest load runs",
          "goal": f"< {HEALTH_P99_GOAL_MS:.0f} ms",
-         "measured": f"{p99['attack']['alone']:.1f} ms ({len(health['attack']['alone'])} calls; "
-                     f"{p99['attack']['with load']:.1f} ms with the honest load running too; without attackers "
-                     f"{p99['quiet']['alone']:.1f} / {p99['quiet']['with load']:.1f} ms); {health_failures} failed",
-         "met": p99["attack"]["alone"] < HEALTH_P99_GOAL_MS and not health_failures,
-         "miss": None if p99["attack"]["alone"] < HEALTH_P99_GOAL_MS and not health_failures
-         else "slower than the goal, or calls failed"},
+         "measured": f"{health_p99:.1f} ms ({len(health['attack']['with load'])} calls during the attacked "
+                     f"add_transaction runs; without attackers {p99['quiet']['with load']:.1f} ms; reported only: "
+                     f"attack without the honest load {p99['attack']['alone']:.1f} ms, neither "
+                     f"{p99['quiet']['alone']:.1f} ms); {health_failures} failed",
+         "met": health_met,
+         "miss": None if health_met else "slower than the goal, or calls failed"},
         {"item": "7", "name": "nothing lost under attack",
          "goal": "every acknowledged transaction in the chain exactly once; no failed honest request",
          "measured": f"{once}/{len(acknowledged)} exactly once, {missing} missing, {repeated} repeated, "
@@ -378,8 +381,9 @@ def run(ctx: Any) -> dict[str, Any]:
             "notes": ["Closed loop: each honest connection sends its next add_transaction when the answer arrives.",
                       "Each run: attackers start (none in a quiet run), warm-up, /health alone for up to 3 s, then "
                       "the honest load with /health probed beside it; the node mines everything after each run.",
-                      "The /health goal is the attacked node without the honest load; with it the node's two cores "
-                      "are saturated by design, so its p99 shows that load more than the attack."]}
+                      "The /health goal is judged on the probes made while the honest load runs under attack, the "
+                      "same runs whose throughput is judged (issue 11: both at once); the probes before the load "
+                      "(attack alone) are reported only."]}
 
 
 def main(argv: list[str] | None = None) -> int:

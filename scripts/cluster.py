@@ -40,6 +40,8 @@ STOP_SECONDS = 10
 SAMPLE_RECORD = "MRI.pdf"
 MEMBERS_FILE = "members.json"
 DEMO_NETWORK = "emr-demo"
+# The healthcare authority may break the glass (README's Consent step 6, the Postman collection's Consent folder).
+DEMO_NETWORK_SETTINGS = {"security": "signed", "emergency_members": "healthcare_authority"}
 
 # The paper's ports: IPFS on 5001, patient 5002, healthcare authority 5003; Healthcare B on 5004.
 ROLES = (("patient", 5002), ("healthcare_authority", 5003), ("healthcare_provider", 5004))
@@ -296,7 +298,8 @@ def up(per_node_kubo: bool, clean: bool, data_root: Path, security: str = "paper
     if security == "signed":
         descriptions = [describe_node(role, port, data_root / f"node-{port}") for role, port in ROLES]
         signed = {"security": "signed",
-                  "members_file": write_members_file(data_root / MEMBERS_FILE, DEMO_NETWORK, descriptions)}
+                  "members_file": write_members_file(data_root / MEMBERS_FILE, DEMO_NETWORK, descriptions,
+                                                     DEMO_NETWORK_SETTINGS)}
         state["members_file"] = str(signed["members_file"])
     for number, (role, port) in enumerate(ROLES):
         daemon = daemons[number] if per_node_kubo else daemons[0]

@@ -134,16 +134,47 @@ def test_a_wrapped_key_copied_into_another_grant_does_not_open(trio) -> None:
     chain = settle(trio)
     copied = next(tx for block in chain for tx in block["transactions"] if tx["id"] == grant_id)["records"][0]["key"]
     owner = identity_of(patient)  # the owner's own key signs: only the wrapped key is out of place
-    for record, grantee in ((second, provider), (first, authority)):
+    replays = [(second, provider), (first, authority)]
+    misplaced_ids = []
+    for record, grantee in replays:
         misplaced = {"type": "grant", "id": uuid.uuid4().hex, "grantee": node_id(grantee), "expires": "",
                      "purpose": "", "records": [{"cid": record, "key": copied}], "signer": owner.node_id}
         misplaced["signature"] = owner.sign(misplaced)
         assert patient.post("/receive_transaction", misplaced).status_code == 201
+        misplaced_ids.append(misplaced["id"])
     settle(trio)
-    for record, grantee in ((second, provider), (first, authority)):
-        response = grantee.post("/open_record", {"record": record})
+    for record, grantee in replays:
+        response = grantee.post("/open_record", {"record": record, "purpose": "replay"})
         assert response.status_code == 403 and "does not open" in response.json()["error"], response.text
     assert provider.post("/open_record", {"record": first}).status_code == 200
+    settle(trio)
+    accesses = patient.get("/audit").json()["accesses"]  # newest first: the open, then the two refusals
+    assert [(entry["member"], entry["record"], entry["outcome"], entry["grant"]) for entry in accesses] == [
+        (node_id(provider), first, "opened", grant_id),
+        (node_id(authority), first, "refused", misplaced_ids[1]),
+        (node_id(provider), second, "refused", misplaced_ids[0])]
+    assert all("does not open" in entry["reason"] and entry["purpose"] == "replay" for entry in accesses[1:])
+
+
+def test_a_newer_grant_whose_key_does_not_open_leaves_an_older_valid_grant_in_force(trio) -> None:
+    patient, authority, provider = trio
+    (data_dir(patient) / "XRay.pdf").write_bytes(b"%PDF-1.4 another scan")
+    first, second = publish(patient), publish(patient, "XRay.pdf", "X-Ray")
+    settle(trio)
+    older = grant(patient, first, node_id(provider))
+    for_second = grant(patient, second, node_id(provider))
+    chain = settle(trio)
+    copied = next(tx for block in chain for tx in block["transactions"] if tx["id"] == for_second)["records"][0]["key"]
+    owner = identity_of(patient)
+    newer = {"type": "grant", "id": uuid.uuid4().hex, "grantee": node_id(provider), "expires": "", "purpose": "",
+             "records": [{"cid": first, "key": copied}], "signer": owner.node_id}
+    newer["signature"] = owner.sign(newer)
+    assert patient.post("/receive_transaction", newer).status_code == 201
+    settle(trio)
+    opened = provider.post("/open_record", {"record": first})
+    assert opened.status_code == 200, opened.text
+    assert opened.json()["grant"] == older
+    assert (data_dir(provider) / opened.json()["path"]).read_bytes() == (data_dir(patient) / "MRI.pdf").read_bytes()
 
 
 def test_the_audit_lists_exactly_the_opens_and_refusals_in_order_on_every_node(trio) -> None:
@@ -192,3 +223,19 @@ def test_break_glass_needs_a_reason_is_recorded_and_flagged_first(trio) -> None:
     assert accesses[1]["reason"] == "unconscious in the emergency room" and accesses[1]["outcome"] == "opened"
     assert accesses[2]["outcome"] == "refused"
     assert [entry["emergency"] for entry in accesses[3:]] == [False]
+
+
+def test_the_audit_of_a_record_by_name_lists_its_versions_accesses_in_the_order_they_happened(trio) -> None:
+    patient, authority, provider = trio
+    older = publish(patient)
+    settle(trio)
+    newer = publish(patient)  # the same file again: a new key, a new CID, the next version of "MRI"
+    settle(trio)
+    grant(patient, "MRI", node_id(provider))  # every version
+    settle(trio)
+    opened = [older, newer, older]
+    for cid in opened:
+        assert provider.post("/open_record", {"record": cid}).status_code == 200
+    settle(trio)  # the three accesses in one block
+    accesses = patient.get("/audit?record=MRI").json()["accesses"]
+    assert [entry["record"] for entry in accesses] == list(reversed(opened))

@@ -29,6 +29,7 @@ NOT_FOR_USERS = {"/receive_block", "/receive_transaction", "/receive_transaction
 WORKFLOW_STEPS = ("0.", "3.", "4.", "5.", "6.", "7.", "8.")
 PAPER_EXTRAS = ["Checks", "Errors"]
 SIGNED_FOLDERS = ["Signed network", "Consent"]  # run against nodes of a signed network (--security signed)
+SIGNED_NETWORK = {"emergency_members": "healthcare_authority"}  # its members file's settings: break-glass in Consent
 PAPER_FOLDERS = [item["name"] for item in json.loads(COLLECTION.read_text())["item"]
                  if item["name"] not in SIGNED_FOLDERS]
 NEWMAN_SECONDS = 120
@@ -181,7 +182,7 @@ def test_newman_runs_the_signed_and_consent_folders_twice_against_a_signed_netwo
                                                                         tmp_path: Path) -> None:
     if not NEWMAN.is_file():
         pytest.fail(f"newman is not installed at {NEWMAN.relative_to(ROOT)}: run `make newman`")
-    nodes = dict(zip(ROLES, signed_network(tuple(ROLES), ipfs_api=kubo.api_url)))
+    nodes = dict(zip(ROLES, signed_network(tuple(ROLES), network=SIGNED_NETWORK, ipfs_api=kubo.api_url)))
     nodes["patient"].post("/connect_node", {"nodes": [nodes[role].url for role in ROLES if role != "patient"]})
     patient_data = Path(nodes["patient"].args[nodes["patient"].args.index("--data-dir") + 1])
     write_sample_record(patient_data / "MRI.pdf")
