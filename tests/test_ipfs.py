@@ -221,18 +221,26 @@ def test_kubo_script_status_and_stop(tmp_path: Path) -> None:
 @pytest.mark.parametrize("backend", ["requests", "httpx"])
 def test_adapter_ignores_proxy_settings_whichever_http_backend_ipfshttpclient_prefers(kubo: Kubo, tmp_path: Path,
                                                                                       backend: str) -> None:
-    """The daemon is local: a proxy in the environment, or ipfshttpclient's httpx switch, must change nothing."""
+    """The daemon is local: a proxy in the environment, or ipfshttpclient's httpx switch, must change nothing.
+
+    ipfshttpclient falls back to requests without a word when httpx cannot be imported, so the program reports
+    which backend ipfshttpclient chose: the httpx case must really run on httpx (pinned in requirements.txt).
+    """
     dead_proxy = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "HTTP_PROXY": dead_proxy, "HTTPS_PROXY": dead_proxy, "ALL_PROXY": dead_proxy,
            "http_proxy": dead_proxy, "NO_PROXY": "", "no_proxy": "",
            "PY_IPFS_HTTP_CLIENT_PREFER_HTTPX": "yes" if backend == "httpx" else "no"}
     program = ("import sys; from pathlib import Path; from ipfs_client import IpfsClient\n"
+               "import ipfshttpclient.http\n"
                f"client = IpfsClient({kubo.api_url!r})\n"
                "added = client.add_file(Path(sys.argv[1]))\n"
                "size, chunks = client.open(added['Hash'])\n"
+               "sys.stdout.buffer.write(ipfshttpclient.http.ClientSync.__module__.encode() + b'\\n')\n"
                "sys.stdout.buffer.write(b''.join(chunks))\n")
     (tmp_path / "scan.bin").write_bytes(b"through no proxy")
     result = subprocess.run([sys.executable, "-c", program, str(tmp_path / "scan.bin")], env=env, cwd=ROOT,
                             capture_output=True, timeout=60)
     assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout == b"through no proxy"
+    chosen_backend, content = result.stdout.split(b"\n", 1)
+    assert chosen_backend.decode() == f"ipfshttpclient.http_{backend}"
+    assert content == b"through no proxy"
