@@ -188,13 +188,24 @@ def _page_operation(summary: str, media_types: list[str],
     return operation
 
 
+_operation_outcome = {"type": "object", "required": ["resourceType", "issue"], "properties": {
+    "resourceType": {"type": "string", "enum": ["OperationOutcome"]},
+    "issue": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["severity", "code", "diagnostics"],
+        "properties": {"severity": {"type": "string"}, "code": {"type": "string"},
+                       "diagnostics": {"type": "string", "description": "the message an {\"error\"} would carry"}}}}}}
+
+
 def _fhir_operation(summary: str, parameters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    responses = {str(status): {"description": ERRORS[status], "content": {JSON: {"schema": _ref("Error")}}}
-                 for status in HEAD_ERRORS}
-    responses["200"] = {"description": "a FHIR resource", "content": {FHIR_JSON: {"schema": _fhir_resource}}}
-    for status in (400, 404):
-        responses[str(status)] = {"description": f"{ERRORS[status]}, as an OperationOutcome",
-                                  "content": {FHIR_JSON: {"schema": _fhir_resource}}}
+    """Every error under /fhir/ is an OperationOutcome, whoever refuses; only a 408 for a head that never arrived
+    whole (no path known yet) is {"error": ...}."""
+    responses: dict[str, Any] = {"200": {"description": "a FHIR resource",
+                                         "content": {FHIR_JSON: {"schema": _fhir_resource}}}}
+    for status in (*HEAD_ERRORS, 404):
+        content = {FHIR_JSON: {"schema": _operation_outcome}}
+        if status == 408:
+            content[JSON] = {"schema": _ref("Error")}
+        responses[str(status)] = {"description": f"{ERRORS[status]}, as an OperationOutcome", "content": content}
     operation: dict[str, Any] = {"summary": summary, "tags": ["fhir"], "responses": responses}
     if parameters:
         operation["parameters"] = parameters
@@ -488,5 +499,6 @@ def docs_page() -> str:
     return ("<!doctype html><html><head><meta charset='utf-8'><title>emr-chain API</title>"
             "<style>body{font-family:sans-serif;max-width:60em;margin:auto}pre{background:#f4f4f4;padding:.5em}"
             "</style></head><body><h1>emr-chain node API</h1><p>Machine-readable: <a href='/openapi.json'>"
-            "/openapi.json</a> (OpenAPI 3.1). Errors are <code>{\"error\": \"...\"}</code>.</p>"
+            "/openapi.json</a> (OpenAPI 3.1). Errors are <code>{\"error\": \"...\"}</code>; under /fhir/ an "
+            "OperationOutcome.</p>"
             + "".join(rows) + "</body></html>")
