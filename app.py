@@ -608,7 +608,7 @@ def static_file(filename: str) -> Any:
     return page_file(filename)
 
 
-# -- FHIR R4, read-only (fhir.py) ----------------------------------------------------
+# -- FHIR R4, read-only (fhir_r4.py) -------------------------------------------------
 
 FHIR_ROOT = "/fhir"
 
