@@ -117,6 +117,7 @@ def test_the_capability_statement_says_what_the_node_serves(records, make_client
     assert [resource["type"] for resource in paper["rest"][0]["resource"]] == ["DocumentReference"]
     assert {"read", "search-type"} == {i["code"] for i in paper["rest"][0]["resource"][0]["interaction"]}
     signed = fhir_get(make_client(security="signed"), "/fhir/metadata")
+    parsed(signed, "CapabilityStatement")
     assert [resource["type"] for resource in signed["rest"][0]["resource"]] == ["DocumentReference", "AuditEvent",
                                                                                 "Consent"]
     empty = fhir_get(make_client(security="signed"), "/fhir/Consent")
