@@ -218,6 +218,54 @@ def test_kubo_script_status_and_stop(tmp_path: Path) -> None:
     assert status.returncode != 0 and "not running" in status.stdout
 
 
+def fake_ipfs(folder: Path, version: str) -> Path:
+    """A stand-in `ipfs` that only tells its version: enough for scripts/kubo.sh to choose a binary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    binary = folder / "ipfs"
+    binary.write_text(f'#!/bin/sh\n[ "$1 $2" = "version -n" ] && echo {version} && exit 0\nexit 1\n')
+    binary.chmod(0o755)
+    return binary
+
+
+def kubo_bin(tmp_path: Path, on_path: str | None, in_tools: bool) -> subprocess.CompletedProcess[str]:
+    """`scripts/kubo.sh bin` with only an ipfs of version `on_path` on PATH and/or one in the tools folder."""
+    tools = tmp_path / "tools"
+    if in_tools:
+        fake_ipfs(tools / "bin", "0.43.1")
+    folders = [str(fake_ipfs(tmp_path / "path", on_path).parent)] if on_path else []
+    env = {**os.environ, "PATH": os.pathsep.join([*folders, "/usr/bin", "/bin"]), "KUBO_TOOLS": str(tools)}
+    return subprocess.run([str(ROOT / "scripts" / "kubo.sh"), "bin"], env=env, capture_output=True, text=True,
+                          timeout=30)
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("version", ["0.43.1", "0.37.0", "0.44.0-rc1", "1.0.0"])
+def test_kubo_script_uses_an_ipfs_on_path_first_when_it_is_new_enough(tmp_path: Path, version: str) -> None:
+    result = kubo_bin(tmp_path, version, in_tools=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "path" / "ipfs")
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("version", ["0.36.0", "0.9.1", "not a version"])
+def test_kubo_script_passes_over_an_ipfs_on_path_too_old_for_its_loopback_config(tmp_path: Path,
+                                                                                 version: str) -> None:
+    result = kubo_bin(tmp_path, version, in_tools=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "tools" / "bin" / "ipfs")
+    assert "needs Kubo v0.37.0 or newer" in result.stderr and str(tmp_path / "path" / "ipfs") in result.stderr
+    alone = kubo_bin(tmp_path / "alone", version, in_tools=False)
+    assert alone.returncode != 0 and alone.stdout == ""
+    assert "needs Kubo v0.37.0 or newer" in alone.stderr and "scripts/kubo.sh install" in alone.stderr
+
+
+@pytest.mark.process
+def test_kubo_script_uses_the_tools_ipfs_when_none_is_on_path(tmp_path: Path) -> None:
+    result = kubo_bin(tmp_path, None, in_tools=True)
+    assert result.returncode == 0 and result.stdout.strip() == str(tmp_path / "tools" / "bin" / "ipfs")
+    assert result.stderr == ""
+
+
 @pytest.mark.parametrize("backend", ["requests", "httpx"])
 def test_adapter_ignores_proxy_settings_whichever_http_backend_ipfshttpclient_prefers(kubo: Kubo, tmp_path: Path,
                                                                                       backend: str) -> None:
