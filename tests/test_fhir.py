@@ -157,7 +157,7 @@ def test_refusals_before_a_fhir_view_are_operation_outcomes_too(make_client, met
     assert response.status_code == status
     assert_outcome(status, response.headers["Content-Type"], response.get_json(force=True), code, says)
     if status == 405:
-        assert response.headers["Allow"] == "GET, HEAD, OPTIONS"
+        assert set(response.headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
     plain = node.open(path.replace("/fhir", "/fhirx"), method=method, headers=headers)
     assert plain.mimetype == "application/json" and "error" in plain.get_json()  # elsewhere errors stay {"error"}
 
