@@ -609,7 +609,20 @@ def static_file(filename: str) -> Any:
     return page_file(filename)
 
 
-# -- FHIR R4, read-only (fhir.py) ----------------------------------------------------
+# -- FHIR R4, read-only (fhir_r4.py) -------------------------------------------------
+
+FHIR_ROOT = "/fhir"
+
+
+def is_fhir_path(path: str) -> bool:
+    """Under /fhir/ every answer is FHIR's, its errors too, whoever refuses (the server, the Gate, Flask, a view)."""
+    return path == FHIR_ROOT or path.startswith(FHIR_ROOT + "/")
+
+
+def fhir_error(status: int, message: str) -> tuple[str, bytes]:
+    """An error as a FHIR client reads one: (application/fhir+json, an OperationOutcome carrying the message)."""
+    return fhir.MEDIA_TYPE, fhir.to_json(fhir.operation_outcome(status, message)).encode()
+
 
 def fhir_view(view: Callable[..., Any]) -> Callable[..., Any]:
     """A FHIR route answers application/fhir+json, and its errors as an OperationOutcome (with the status
@@ -617,11 +630,12 @@ def fhir_view(view: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(view)
     def answer(*args: Any, **kwargs: Any) -> Response:
         try:
-            resource, status = view(*args, **kwargs), 200
+            resource = view(*args, **kwargs)
         except NodeError as exc:
             status = status_for(type(exc))
-            resource = fhir.operation_outcome(status, str(exc))
-        return Response(fhir.to_json(resource), status=status, mimetype=fhir.MEDIA_TYPE)
+            media_type, body = fhir_error(status, str(exc))
+            return Response(body, status=status, mimetype=media_type)
+        return Response(fhir.to_json(resource), status=200, mimetype=fhir.MEDIA_TYPE)
     return answer
 
 
@@ -927,6 +941,10 @@ def status_for(kind: type[BaseException]) -> int:
 
 
 def error(message: str, status: int) -> tuple[Response, int]:
+    """{"error": message}; under /fhir/ an OperationOutcome carrying it, which is what FHIR clients read."""
+    if is_fhir_path(request.path):
+        media_type, body = fhir_error(status, message)
+        return Response(body, mimetype=media_type), status
     return jsonify(error=message), status
 
 

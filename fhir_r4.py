@@ -73,8 +73,8 @@ PARAMETERS: dict[str, dict[str, str]] = {
         "data": "a record granted: DocumentReference/<id> (or just its id)",
     },
 }
-ISSUE_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 409: "conflict",
-               413: "too-costly", 415: "not-supported"}
+ISSUE_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
+               409: "conflict", 413: "too-costly", 415: "not-supported", 421: "security"}
 
 
 # -- what the node hands over --------------------------------------------------------------

@@ -65,8 +65,14 @@ def peer_netloc(url: Any, allowed: list[str]) -> tuple[str, str]:
     if not _host_allowed(host, allowed):
         raise PeerRefused(f"{host} is not an allowed peer address (allowed: {', '.join(allowed)}; "
                           f"set EMR_PEER_ALLOW to change)")
-    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    netloc = url_netloc(host, port)
     return netloc, f"{parts.scheme}://{netloc}"
+
+
+def url_netloc(host: str, port: int) -> str:
+    """'127.0.0.1', 5002 -> '127.0.0.1:5002'; '::1', 5002 -> '[::1]:5002' (an IPv6 address in a URL is bracketed)."""
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _host_allowed(host: str, allowed: list[str]) -> bool:
@@ -199,9 +205,9 @@ class Network:
 
     @staticmethod
     def _netlocs_of_self(config: Config) -> set[str]:
-        own = {urlsplit(config.own_url).netloc, f"{config.host}:{config.port}"}
+        own = {urlsplit(config.own_url).netloc, url_netloc(config.host, config.port)}
         if config.host in LOOPBACK_HOSTS + WILDCARD_HOSTS:
-            own |= {f"{name}:{config.port}" for name in ("localhost", "127.0.0.1", "[::1]")}
+            own |= {url_netloc(name, config.port) for name in LOOPBACK_HOSTS}
         return own
 
     @property

@@ -492,7 +492,7 @@ class Node:
             entry["behind"] = longest - entry["length"] if isinstance(entry["length"], int) else None
         return {"longest": longest, "nodes": [me, *peers]}
 
-    # -- FHIR (fhir.py: read-only views of the chain) ----------------------------
+    # -- FHIR (fhir_r4.py: read-only views of the chain) -----------------------
 
     def fhir_metadata(self, base: str) -> dict[str, Any]:
         return fhir.capability_statement(base, self.rules is not None, API_VERSION, self.config.role_name)

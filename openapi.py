@@ -11,12 +11,14 @@ import re
 from typing import Any
 
 from blockchain import CID_V0, CID_V1_BASE32, MAX_TEXT_LENGTH
+from identity import NODE_ID
 
 VERSION = "1.0.0"
 TEXT_PATTERN = r"^[^\x00-\x1f]*[^\x00-\x1f\s][^\x00-\x1f]*$"  # printable, not only spaces
 FILE_NAME_PATTERN = r"^[^\x00-\x1f/\\]*[^\x00-\x1f\s/\\][^\x00-\x1f/\\]*$"
 CID_PATTERN = f"({CID_V0.pattern})|({CID_V1_BASE32.pattern})"
 JSON = "application/json"
+_node_id = {"type": "string", "pattern": NODE_ID.pattern}  # a member's id: 52 characters of base32 (identity.py)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -69,7 +71,7 @@ SCHEMAS: dict[str, Any] = {
                          "Size": {"type": ["string", "null"]}}, ["Hash", "Name", "Size"]),
 }
 SCHEMAS["Member"] = {"type": "object", "properties": {
-    "node_id": {"type": "string", "pattern": "^[a-z2-7]{52}$"}, "short_id": {"type": "string"},
+    "node_id": _node_id, "short_id": {"type": "string"},
     "role": {"type": "string", "enum": ["patient", "healthcare_authority", "healthcare_provider"]},
     "signing_public_key": {"type": "string"}, "exchange_public_key": {"type": "string"},
     "url": {"type": ["string", "null"]}}, "required": ["node_id", "role", "signing_public_key", "exchange_public_key"]}
@@ -188,13 +190,24 @@ def _page_operation(summary: str, media_types: list[str],
     return operation
 
 
+_operation_outcome = {"type": "object", "required": ["resourceType", "issue"], "properties": {
+    "resourceType": {"type": "string", "enum": ["OperationOutcome"]},
+    "issue": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["severity", "code", "diagnostics"],
+        "properties": {"severity": {"type": "string"}, "code": {"type": "string"},
+                       "diagnostics": {"type": "string", "description": "the message an {\"error\"} would carry"}}}}}}
+
+
 def _fhir_operation(summary: str, parameters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    responses = {str(status): {"description": ERRORS[status], "content": {JSON: {"schema": _ref("Error")}}}
-                 for status in HEAD_ERRORS}
-    responses["200"] = {"description": "a FHIR resource", "content": {FHIR_JSON: {"schema": _fhir_resource}}}
-    for status in (400, 404):
-        responses[str(status)] = {"description": f"{ERRORS[status]}, as an OperationOutcome",
-                                  "content": {FHIR_JSON: {"schema": _fhir_resource}}}
+    """Every error under /fhir/ is an OperationOutcome, whoever refuses; only a 408 for a head that never arrived
+    whole (no path known yet) is {"error": ...}."""
+    responses: dict[str, Any] = {"200": {"description": "a FHIR resource",
+                                         "content": {FHIR_JSON: {"schema": _fhir_resource}}}}
+    for status in (*HEAD_ERRORS, 404):
+        content = {FHIR_JSON: {"schema": _operation_outcome}}
+        if status == 408:
+            content[JSON] = {"schema": _ref("Error")}
+        responses[str(status)] = {"description": f"{ERRORS[status]}, as an OperationOutcome", "content": content}
     operation: dict[str, Any] = {"summary": summary, "tags": ["fhir"], "responses": responses}
     if parameters:
         operation["parameters"] = parameters
@@ -301,7 +314,7 @@ PATHS: dict[str, Any] = {
         "Who this node is: its id (a fingerprint of its signing key; short_id to read aloud), role, URL, public "
         "keys, its security mode and, on a signed network, the network and whether this node is a member of it "
         "(a node not admitted yet, or removed, says what to ask for)", {200: _object({
-            "node_id": {"type": "string", "pattern": "^[a-z2-7]{52}$"}, "short_id": _message, "role": _message,
+            "node_id": _node_id, "short_id": _message, "role": _message,
             "url": {"type": ["string", "null"]}, "signing_public_key": _message, "exchange_public_key": _message,
             "security": {"type": "string", "enum": ["paper", "signed"]},
             "network": _object({"name": _message, "fingerprint": _message, **_standing["properties"]},
@@ -320,13 +333,13 @@ PATHS: dict[str, Any] = {
         "node with a rotated key), removed by the same transaction, whose URL and exchange key it may take",
         {201: _membership_receipt, 200: _membership_receipt}, 404, 503,
         body=_json_body(_object({"member": _ref("Member"),
-                                 "replaces": {"type": "string", "pattern": "^[a-z2-7]{52}$"}}, ["member"])),
+                                 "replaces": _node_id}, ["member"])),
         tag="membership")},
     "/remove_member": {"post": _operation(
         "Signed network, healthcare authority: remove a member by a signed transaction; its later writes are "
         "refused, its earlier ones stay valid",
         {201: _membership_receipt, 200: _membership_receipt}, 404, 503,
-        body=_json_body(_object({"node_id": {"type": "string", "pattern": "^[a-z2-7]{52}$"}}, ["node_id"])),
+        body=_json_body(_object({"node_id": _node_id}, ["node_id"])),
         tag="membership")},
     "/publish_record": {"post": _operation(
         "Patient: encrypt a file, add it to IPFS and record it, in one call: a file of the data directory (JSON) or "
@@ -351,7 +364,7 @@ PATHS: dict[str, Any] = {
         "with an optional expiry and purpose; the key travels wrapped for that member (HPKE)",
         {201: _membership_receipt, 200: _membership_receipt}, 404, 409, 503,
         body=_json_body(_object({
-            "record": _text("the record's CID or name"), "member": {"type": "string", "pattern": "^[a-z2-7]{52}$"},
+            "record": _text("the record's CID or name"), "member": _node_id,
             "expires": {"type": "string", "description": "\"\" (never) or a time like 2027-01-31 23:59:59.000000"},
             "purpose": {"type": "string", "maxLength": MAX_TEXT_LENGTH},
             "versions": {"type": "string", "enum": ["all", "newest"]}}, ["record", "member"])), tag="consent")},
@@ -384,8 +397,8 @@ PATHS: dict[str, Any] = {
         {200: _object({"owner": _message, "count": {"type": "integer"},
                        "accesses": {"type": "array", "items": _ref("Access")}}, ["owner", "count", "accesses"])},
         404, parameters=[{"name": name, "in": "query", "required": False, "schema": schema} for name, schema in (
-            ("owner", {"type": "string", "pattern": "^[a-z2-7]{52}$"}), ("user_id", {"type": "string"}),
-            ("record", {"type": "string"}), ("member", {"type": "string", "pattern": "^[a-z2-7]{52}$"}),
+            ("owner", _node_id), ("user_id", {"type": "string"}),
+            ("record", {"type": "string"}), ("member", _node_id),
             ("since", {"type": "string"}), ("until", {"type": "string"}),
             ("limit", {"type": "string", "pattern": "^[0-9]{1,4}$"}))], tag="consent")},
     "/health": {"get": _operation(
@@ -497,5 +510,6 @@ def docs_page() -> str:
     return ("<!doctype html><html><head><meta charset='utf-8'><title>emr-chain API</title>"
             "<style>body{font-family:sans-serif;max-width:60em;margin:auto}pre{background:#f4f4f4;padding:.5em}"
             "</style></head><body><h1>emr-chain node API</h1><p>Machine-readable: <a href='/openapi.json'>"
-            "/openapi.json</a> (OpenAPI 3.1). Errors are <code>{\"error\": \"...\"}</code>.</p>"
+            "/openapi.json</a> (OpenAPI 3.1). Errors are <code>{\"error\": \"...\"}</code>; under /fhir/ an "
+            "OperationOutcome.</p>"
             + "".join(rows) + "</body></html>")

@@ -53,7 +53,7 @@ from waitress.buffers import ReadOnlyFileBasedBuffer
 from waitress.parser import HTTPRequestParser
 from waitress.task import ThreadedTaskDispatcher, WSGITask
 
-from app import AFTER_RESPONSE, BODY_BOUNDED, TOO_LARGE, Gate, create_app, status_for
+from app import AFTER_RESPONSE, BODY_BOUNDED, TOO_LARGE, Gate, create_app, fhir_error, is_fhir_path, status_for
 from config import LOOPBACK_HOSTS, Config, load_config
 from errors import BadInput, NodeError, RequestTimeout, TooLarge
 from node import Node, migrate_state, show_identity
@@ -89,19 +89,23 @@ def waitress_errors_as_json() -> None:
 # -- refusing at the head ----------------------------------------------------------
 
 class Refusal(waitress.utilities.Error):
-    """A NodeError as waitress's ErrorTask answers it: the status ERROR_STATUS gives it, {"error": ...}, and the
-    CORS headers an allowed page needs to read it."""
+    """A NodeError as waitress's ErrorTask answers it: the status ERROR_STATUS gives it, {"error": ...} (under
+    /fhir/ an OperationOutcome, as app.py answers there), and the CORS headers an allowed page needs to read it."""
 
-    def __init__(self, error: NodeError, headers: list[tuple[str, str]] | None = None) -> None:
+    def __init__(self, error: NodeError, headers: list[tuple[str, str]] | None = None, path: str = "") -> None:
         super().__init__(str(error))
         self.error = error
         self.code = status_for(type(error))
         self.reason = HTTPStatus(self.code).phrase
         self.headers = headers or []
+        self.path = path
 
     def to_response(self, ident: str | None = None) -> tuple[str, list, bytes]:
-        body = json.dumps({"error": str(self.error)}).encode()
-        return f"{self.code} {self.reason}", [("Content-Type", "application/json"), *self.headers], body
+        if is_fhir_path(self.path):
+            media_type, body = fhir_error(self.code, str(self.error))
+        else:
+            media_type, body = "application/json", json.dumps({"error": str(self.error)}).encode()
+        return f"{self.code} {self.reason}", [("Content-Type", media_type), *self.headers], body
 
 
 class WaitressHeaders(Mapping[str, str]):
@@ -273,7 +277,7 @@ class NodeParser(HTTPRequestParser):
         headers = WaitressHeaders(self.headers)
         refusal = self.gate.refusal(self.command, path, headers)
         if refusal is not None:
-            self._refuse(refusal, self.gate.cors_headers(headers))
+            self._refuse(refusal, self.gate.cors_headers(headers), path)
         elif self.error is None:
             self.body_limit = self.gate.body_limit(self.command, path, headers)
             if self.body_rcv is not None and self.stream_body is not None and \
@@ -299,8 +303,8 @@ class NodeParser(HTTPRequestParser):
             pipe.end()
         return consumed
 
-    def _refuse(self, error: NodeError, headers: list[tuple[str, str]]) -> None:
-        self.error = Refusal(error, headers)
+    def _refuse(self, error: NodeError, headers: list[tuple[str, str]], path: str = "") -> None:
+        self.error = Refusal(error, headers, path)
         self.completed = True
         log.info("%s %s %d, refused from its head (no body read): %s", getattr(self, "command", "-"),
                  getattr(self, "path", "-"), self.error.code, error)

@@ -26,6 +26,9 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 KUBO_VERSION=${KUBO_VERSION:-v0.43.1}
+# The oldest Kubo that knows every setting configure_loopback writes: AutoConf, Ipns.DelegatedPublishers and the
+# telemetry plugin came in v0.37.0, and an older one refuses `ipfs config AutoConf.Enabled` as an unknown key.
+MIN_KUBO_VERSION=0.37.0
 KUBO_LIBP2P_VERSION=${KUBO_LIBP2P_VERSION:-v0.50.0}
 TOOLS=${KUBO_TOOLS:-$ROOT/.tools}
 STATE=${KUBO_STATE:-$ROOT/.state/kubo}
@@ -50,9 +53,27 @@ allowed_address() {
 allowed_address "$SWARM_BIND" || die "KUBO_BIND=$SWARM_BIND is neither loopback (127.0.0.0/8) nor a lab address (198.18.0.0/15)"
 allowed_address "$API_BIND" || die "KUBO_API_BIND=$API_BIND is neither loopback (127.0.0.0/8) nor a lab address (198.18.0.0/15)"
 
+# Whether Kubo version $1 ("0.43.1", "0.44.0-rc1") is at least $2.
+version_at_least() {
+  local have want i
+  IFS=. read -r -a have <<<"${1%%-*}"
+  IFS=. read -r -a want <<<"$2"
+  for i in 0 1 2; do
+    [[ ${have[i]:-0} =~ ^[0-9]+$ ]] || return 1
+    if ((10#${have[i]:-0} != 10#${want[i]:-0})); then ((10#${have[i]:-0} > 10#${want[i]:-0})); return; fi
+  done
+}
+
+# An ipfs already on PATH first (the operator's own Kubo) if it is new enough for configure_loopback, else the
+# one `install` put into the tools folder.
 find_ipfs() {
+  local on_path version
+  if on_path=$(command -v ipfs 2>/dev/null); then
+    version=$("$on_path" version -n 2>/dev/null || true)
+    if version_at_least "$version" "$MIN_KUBO_VERSION"; then echo "$on_path"; return 0; fi
+    say "not using $on_path (Kubo ${version:-of unknown version}): the loopback configuration this script writes needs Kubo v$MIN_KUBO_VERSION or newer (AutoConf, Ipns.DelegatedPublishers); $KUBO_VERSION is the tested one"
+  fi
   if [ -x "$TOOLS/bin/ipfs" ]; then echo "$TOOLS/bin/ipfs"; return 0; fi
-  command -v ipfs 2>/dev/null && return 0
   return 1
 }
 
@@ -92,8 +113,8 @@ download_release() {
 
 cmd_install() {
   local bin
-  if bin=$(find_ipfs); then say "using $bin ($("$bin" version))"; return 0; fi
-  build_from_go_proxy || download_release || die "could not install Kubo: no ipfs on PATH, no Go toolchain that reaches the module proxy, no download of the release"
+  if bin=$(find_ipfs); then say "using $bin ($("$bin" version); the project tests $KUBO_VERSION)"; return 0; fi
+  build_from_go_proxy || download_release || die "could not install Kubo: no usable ipfs on PATH, no Go toolchain that reaches the module proxy, no download of the release"
   bin=$(find_ipfs) || die "Kubo was built but $TOOLS/bin/ipfs is missing"
   say "installed $bin ($("$bin" version))"
 }

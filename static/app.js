@@ -1,7 +1,7 @@
 // The node's page: plain JavaScript, no build step, nothing loaded from elsewhere (Content-Security-Policy:
 // default-src 'self'). It uses the node's public API only, the one /openapi.json documents and Postman calls,
-// with the API key the user typed (kept in sessionStorage for this tab, sent as X-API-Key), and shows the
-// API's own error messages.
+// with the API key the user typed (sent as X-API-Key, and kept in sessionStorage for this tab once the node has
+// let a request with it through), and shows the API's own error messages.
 "use strict";
 
 const KEY_STORE = "emr-chain-api-key";
@@ -35,9 +35,33 @@ class ApiError extends Error {
   }
 }
 
-function keyHeaders() {
-  const key = sessionStorage.getItem(KEY_STORE);
+// A key just typed is tried before it is kept: a wrong one must not stay in the tab's storage.
+let typedKey = null;
+
+function currentKey() {
+  return typedKey !== null ? typedKey : sessionStorage.getItem(KEY_STORE);
+}
+
+function keyHeaders(key) {
   return key ? { "X-API-Key": key } : {};
+}
+
+// What the node's answer says of the key a request carried: kept once a request with it succeeded, dropped
+// (stored or typed) on a 401, so the page asks again.
+function keyAnswered(key, status) {
+  if (!key) return;
+  if (status === 401) {
+    if (typedKey === key) typedKey = null;
+    if (sessionStorage.getItem(KEY_STORE) === key) sessionStorage.removeItem(KEY_STORE);
+  } else if (status >= 200 && status < 300 && typedKey === key) {
+    sessionStorage.setItem(KEY_STORE, key);
+    typedKey = null;
+  }
+}
+
+function forgetKey() {
+  typedKey = null;
+  sessionStorage.removeItem(KEY_STORE);
 }
 
 async function errorOf(response) {
@@ -51,7 +75,8 @@ async function errorOf(response) {
 
 // Every request the page makes goes through here (or upload/download below), to a path of the API.
 async function api(method, path, body) {
-  const init = { method, headers: keyHeaders() };
+  const key = currentKey();
+  const init = { method, headers: keyHeaders(key) };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -62,6 +87,7 @@ async function api(method, path, body) {
   } catch (_) {
     throw new ApiError(0, "the node did not answer: is it running?");
   }
+  keyAnswered(key, response.status);
   if (!response.ok) throw await errorOf(response);
   return response.json();
 }
@@ -69,13 +95,15 @@ async function api(method, path, body) {
 function upload(path, form, progress) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
+    const key = currentKey();
     xhr.open("POST", path);
-    for (const [name, value] of Object.entries(keyHeaders())) xhr.setRequestHeader(name, value);
+    for (const [name, value] of Object.entries(keyHeaders(key))) xhr.setRequestHeader(name, value);
     xhr.upload.addEventListener("progress", (event) => {
       if (event.lengthComputable) progress(event.loaded, event.total);
     });
     xhr.upload.addEventListener("load", () => progress(null, null));
     xhr.addEventListener("load", () => {
+      keyAnswered(key, xhr.status);
       let body = null;
       try { body = JSON.parse(xhr.responseText); } catch (_) { /* keep null */ }
       if (xhr.status >= 200 && xhr.status < 300) resolve(body);
@@ -88,7 +116,9 @@ function upload(path, form, progress) {
 
 async function download(path) {
   const name = path.split("/").pop();
-  const response = await fetch("/files?path=" + encodeURIComponent(path), { headers: keyHeaders() });
+  const key = currentKey();
+  const response = await fetch("/files?path=" + encodeURIComponent(path), { headers: keyHeaders(key) });
+  keyAnswered(key, response.status);
   if (!response.ok) throw await errorOf(response);
   const url = URL.createObjectURL(await response.blob());
   const link = el("a", { href: url, download: name, hidden: true });
@@ -440,11 +470,11 @@ document.addEventListener("DOMContentLoaded", () => {
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const key = $("key-input").value.trim();
-    if (key) sessionStorage.setItem(KEY_STORE, key);
+    if (key) typedKey = key;
     $("key-input").value = "";
     start();
   });
-  $("key-forget").addEventListener("click", () => { sessionStorage.removeItem(KEY_STORE); notify("The key is forgotten.", "info"); });
+  $("key-forget").addEventListener("click", () => { forgetKey(); notify("The key is forgotten.", "info"); });
   $("chain-refresh").addEventListener("click", (event) => act(event.currentTarget, loaders.chain));
   $("chain-more").addEventListener("click", () => { state.shown += BLOCKS_SHOWN; renderChain(); });
   $("mine").addEventListener("click", (event) => act(event.currentTarget, async () => {

@@ -78,6 +78,7 @@ def test_nodes_of_a_keyed_network_talk_to_each_other(spawn_node) -> None:
     assert KEY not in authority.log_path.read_text() + patient.log_path.read_text()
 
 
+@pytest.mark.process
 def test_node_refuses_a_non_loopback_address_without_a_key() -> None:
     result = subprocess.run([sys.executable, str(ROOT / "app.py"), "--host", "0.0.0.0", "--port", str(free_port())],
                             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)

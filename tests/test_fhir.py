@@ -117,6 +117,7 @@ def test_the_capability_statement_says_what_the_node_serves(records, make_client
     assert [resource["type"] for resource in paper["rest"][0]["resource"]] == ["DocumentReference"]
     assert {"read", "search-type"} == {i["code"] for i in paper["rest"][0]["resource"][0]["interaction"]}
     signed = fhir_get(make_client(security="signed"), "/fhir/metadata")
+    parsed(signed, "CapabilityStatement")
     assert [resource["type"] for resource in signed["rest"][0]["resource"]] == ["DocumentReference", "AuditEvent",
                                                                                 "Consent"]
     empty = fhir_get(make_client(security="signed"), "/fhir/Consent")
@@ -124,11 +125,55 @@ def test_the_capability_statement_says_what_the_node_serves(records, make_client
     assert empty["total"] == 0
 
 
+KEY = "correct-horse-battery-staple-0123456789"
+
+
 def test_fhir_needs_the_key_like_the_rest_of_the_api(make_client) -> None:
-    node = make_client(api_key="correct-horse-battery-staple-0123456789")
+    node = make_client(api_key=KEY)
     assert node.get("/fhir/metadata").status_code == 401
-    assert node.get("/fhir/metadata", headers={"X-API-Key": "correct-horse-battery-staple-0123456789"}
-                    ).status_code == 200
+    assert node.get("/fhir/metadata", headers={"X-API-Key": KEY}).status_code == 200
+
+
+def assert_outcome(status: int, content_type: str, body: dict[str, Any], code: str, says: str) -> None:
+    """An error a FHIR client can read: application/fhir+json, one OperationOutcome issue with its code and the
+    node's own message."""
+    assert content_type.split(";")[0] == FHIR_JSON, (status, body)
+    parsed(body, "OperationOutcome")
+    (issue,) = body["issue"]
+    assert issue["severity"] == "error" and issue["code"] == code and says in issue["diagnostics"]
+
+
+@pytest.mark.parametrize("method, path, headers, status, code, says", [
+    ("GET", "/fhir/metadata", {}, 401, "login", "needs an API key"),
+    ("GET", "/fhir/metadata", {"X-API-Key": KEY, "Origin": "http://elsewhere.example"}, 403, "forbidden",
+     "may not call this node"),
+    ("GET", "/fhir/DocumentReference/abc/_history", {"X-API-Key": KEY}, 404, "not-found", "no such endpoint"),
+    ("POST", "/fhir/metadata", {"X-API-Key": KEY}, 405, "not-supported", "POST is not allowed on /fhir/metadata"),
+])
+def test_refusals_before_a_fhir_view_are_operation_outcomes_too(make_client, method, path, headers, status, code,
+                                                                 says) -> None:
+    node = make_client(api_key=KEY)
+    response = node.open(path, method=method, headers=headers)
+    assert response.status_code == status
+    assert_outcome(status, response.headers["Content-Type"], response.get_json(force=True), code, says)
+    if status == 405:
+        assert set(response.headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
+    plain = node.open(path.replace("/fhir", "/fhirx"), method=method, headers=headers)
+    assert plain.mimetype == "application/json" and "error" in plain.get_json()  # elsewhere errors stay {"error"}
+
+
+@pytest.mark.process
+def test_a_running_node_refuses_a_fhir_request_from_its_head_with_an_operation_outcome(spawn_node) -> None:
+    node = spawn_node(api_key=KEY)
+    for headers, status, code, says in (({}, 401, "login", "needs an API key"),
+                                        ({"X-API-Key": KEY, "Host": "elsewhere.example"}, 421, "security",
+                                         "does not answer to the host")):
+        response = requests.get(node.url + "/fhir/metadata", headers=headers, timeout=10)
+        assert response.status_code == status
+        assert_outcome(status, response.headers["Content-Type"], response.json(), code, says)
+    outside = requests.get(node.url + "/get_chain", timeout=10)
+    assert outside.status_code == 401 and outside.headers["Content-Type"] == "application/json"
+    assert "API key" in outside.json()["error"]
 
 
 # -- a real FHIR client against a running node -------------------------------------------------

@@ -218,21 +218,77 @@ def test_kubo_script_status_and_stop(tmp_path: Path) -> None:
     assert status.returncode != 0 and "not running" in status.stdout
 
 
+def fake_ipfs(folder: Path, version: str) -> Path:
+    """A stand-in `ipfs` that only tells its version: enough for scripts/kubo.sh to choose a binary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    binary = folder / "ipfs"
+    binary.write_text(f'#!/bin/sh\n[ "$1 $2" = "version -n" ] && echo {version} && exit 0\nexit 1\n')
+    binary.chmod(0o755)
+    return binary
+
+
+def kubo_bin(tmp_path: Path, on_path: str | None, in_tools: bool) -> subprocess.CompletedProcess[str]:
+    """`scripts/kubo.sh bin` with only an ipfs of version `on_path` on PATH and/or one in the tools folder."""
+    tools = tmp_path / "tools"
+    if in_tools:
+        fake_ipfs(tools / "bin", "0.43.1")
+    folders = [str(fake_ipfs(tmp_path / "path", on_path).parent)] if on_path else []
+    env = {**os.environ, "PATH": os.pathsep.join([*folders, "/usr/bin", "/bin"]), "KUBO_TOOLS": str(tools)}
+    return subprocess.run([str(ROOT / "scripts" / "kubo.sh"), "bin"], env=env, capture_output=True, text=True,
+                          timeout=30)
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("version", ["0.43.1", "0.37.0", "0.44.0-rc1", "1.0.0"])
+def test_kubo_script_uses_an_ipfs_on_path_first_when_it_is_new_enough(tmp_path: Path, version: str) -> None:
+    result = kubo_bin(tmp_path, version, in_tools=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "path" / "ipfs")
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("version", ["0.36.0", "0.9.1", "not a version"])
+def test_kubo_script_passes_over_an_ipfs_on_path_too_old_for_its_loopback_config(tmp_path: Path,
+                                                                                 version: str) -> None:
+    result = kubo_bin(tmp_path, version, in_tools=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "tools" / "bin" / "ipfs")
+    assert "needs Kubo v0.37.0 or newer" in result.stderr and str(tmp_path / "path" / "ipfs") in result.stderr
+    alone = kubo_bin(tmp_path / "alone", version, in_tools=False)
+    assert alone.returncode != 0 and alone.stdout == ""
+    assert "needs Kubo v0.37.0 or newer" in alone.stderr and "scripts/kubo.sh install" in alone.stderr
+
+
+@pytest.mark.process
+def test_kubo_script_uses_the_tools_ipfs_when_none_is_on_path(tmp_path: Path) -> None:
+    result = kubo_bin(tmp_path, None, in_tools=True)
+    assert result.returncode == 0 and result.stdout.strip() == str(tmp_path / "tools" / "bin" / "ipfs")
+    assert result.stderr == ""
+
+
 @pytest.mark.parametrize("backend", ["requests", "httpx"])
 def test_adapter_ignores_proxy_settings_whichever_http_backend_ipfshttpclient_prefers(kubo: Kubo, tmp_path: Path,
                                                                                       backend: str) -> None:
-    """The daemon is local: a proxy in the environment, or ipfshttpclient's httpx switch, must change nothing."""
+    """The daemon is local: a proxy in the environment, or ipfshttpclient's httpx switch, must change nothing.
+
+    ipfshttpclient falls back to requests without a word when httpx cannot be imported, so the program reports
+    which backend ipfshttpclient chose: the httpx case must really run on httpx (pinned in requirements.txt).
+    """
     dead_proxy = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "HTTP_PROXY": dead_proxy, "HTTPS_PROXY": dead_proxy, "ALL_PROXY": dead_proxy,
            "http_proxy": dead_proxy, "NO_PROXY": "", "no_proxy": "",
            "PY_IPFS_HTTP_CLIENT_PREFER_HTTPX": "yes" if backend == "httpx" else "no"}
     program = ("import sys; from pathlib import Path; from ipfs_client import IpfsClient\n"
+               "import ipfshttpclient.http\n"
                f"client = IpfsClient({kubo.api_url!r})\n"
                "added = client.add_file(Path(sys.argv[1]))\n"
                "size, chunks = client.open(added['Hash'])\n"
+               "sys.stdout.buffer.write(ipfshttpclient.http.ClientSync.__module__.encode() + b'\\n')\n"
                "sys.stdout.buffer.write(b''.join(chunks))\n")
     (tmp_path / "scan.bin").write_bytes(b"through no proxy")
     result = subprocess.run([sys.executable, "-c", program, str(tmp_path / "scan.bin")], env=env, cwd=ROOT,
                             capture_output=True, timeout=60)
     assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout == b"through no proxy"
+    chosen_backend, content = result.stdout.split(b"\n", 1)
+    assert chosen_backend.decode() == f"ipfshttpclient.http_{backend}"
+    assert content == b"through no proxy"

@@ -191,10 +191,11 @@ def test_the_patient_records_a_file_and_the_provider_downloads_it_decrypted(brow
     record = tmp_path / "MRI scan.pdf"
     record.write_bytes(b"%PDF-1.4\n" + os.urandom(RECORD_BYTES))
 
-    # The patient: a wrong key is refused with the API's own message, the right one opens the page.
+    # The patient: a wrong key is refused with the API's own message and not kept; the right one opens the page.
     page = browser.page(patient.url, "patient")
     type_key(page, "not-the-key-at-all-0000")
     expect(page.locator("#notice")).to_contain_text("401: this node needs an API key")
+    assert page.evaluate("sessionStorage.getItem('emr-chain-api-key')") is None
     type_key(page, KEY)
     expect(page.locator("#who")).to_contain_text("patient")
     expect(page.locator("#who")).to_contain_text("paper's open network")
