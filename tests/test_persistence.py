@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -96,6 +97,98 @@ def test_damaged_store_stops_the_start_with_what_to_do(tmp_path: Path, damage: b
     assert result.returncode != 0
     assert str(store_file(data_dir)) in result.stderr and "Move the file aside" in result.stderr
     assert store_file(data_dir).read_bytes() == damage
+
+
+DEEP = 200_000  # levels of nesting: far past what Python's JSON parser can take (about a thousand)
+
+
+def with_sql(statement: str, *values: object) -> Callable[[Path], Path]:
+    def damage(data_dir: Path) -> Path:
+        with sqlite3.connect(store_file(data_dir)) as conn:
+            conn.execute(statement, values)
+        conn.close()
+        return store_file(data_dir)
+    return damage
+
+
+def nested_deep(table: str) -> Callable[[Path], Path]:
+    """A saved block (or pending transaction) whose record name is a list nested DEEP levels."""
+    key, where = ("block_index", "block_index = 2") if table == "blocks" else ("position", "1 = 1")
+
+    def damage(data_dir: Path) -> Path:
+        with sqlite3.connect(store_file(data_dir)) as conn:
+            row_key, body = conn.execute(f"SELECT {key}, body FROM {table} WHERE {where}").fetchone()
+            value = json.loads(body)
+            (value["transactions"][0] if table == "blocks" else value)["EHR_name"] = "@deep@"
+            deep = json.dumps(value).replace('"@deep@"', "[" * DEEP + "]" * DEEP)
+            conn.execute(f"UPDATE {table} SET body = ? WHERE {key} = ?", (deep, row_key))
+        conn.close()
+        return store_file(data_dir)
+    return damage
+
+
+def store_made_a_directory(data_dir: Path) -> Path:
+    store_file(data_dir).unlink()
+    store_file(data_dir).mkdir()
+    (store_file(data_dir) / "inside").write_text("kept")
+    return store_file(data_dir)
+
+
+def state_folder_made_a_file(data_dir: Path) -> Path:
+    folder = store_file(data_dir).parent
+    for path in sorted(folder.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    folder.rmdir()
+    folder.write_text("not a folder")
+    return folder
+
+
+DAMAGED_STATE: dict[str, Callable[[Path], Path]] = {
+    "chain nested deep": nested_deep("blocks"),
+    "pending nested deep": nested_deep("pending"),
+    "peer not a URL": with_sql("INSERT INTO peers (url) VALUES (?)", "not a url"),
+    "peer a number": with_sql("INSERT INTO peers (url) VALUES (?)", 5003),
+    "store a directory": store_made_a_directory,
+    "state folder a file": state_folder_made_a_file,
+}
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("damage", DAMAGED_STATE)
+def test_damaged_state_stops_the_start_with_what_to_do_not_a_traceback(make_client, damage: str) -> None:
+    client = make_client(persist=True)
+    client.post("/add_transaction", json=paper_transaction())
+    client.get("/mine_block")
+    client.post("/add_transaction", json=paper_transaction(EHR_name="X-Ray"))
+    client.post("/connect_node", json={"nodes": ["http://127.0.0.1:9"]})
+    client.node.close()
+    data_dir = client.node.data_dir
+    damaged = DAMAGED_STATE[damage](data_dir)
+    before = snapshot(data_dir)
+    result = start_fails(data_dir)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    assert str(damaged) in result.stderr and "aside" in result.stderr.lower(), result.stderr
+    assert snapshot(data_dir) == before
+
+
+@pytest.mark.process
+def test_a_state_json_nested_deep_is_refused_by_the_import_not_a_traceback(tmp_path: Path) -> None:
+    data_dir = tmp_path / "old"
+    data_dir.mkdir()
+    legacy = data_dir / "state.json"
+    legacy.write_text('{"chain": ' + "[" * DEEP + "]" * DEEP + ', "pending": [], "peers": []}')
+    result = subprocess.run([sys.executable, str(ROOT / "app.py"), "migrate-state", "--data-dir", str(data_dir)],
+                            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output
+    assert str(legacy) in result.stderr and "nested too deeply" in result.stderr, result.stderr
+    assert not store_file(data_dir).exists()
 
 
 @pytest.mark.process
