@@ -41,7 +41,11 @@ MAX_ERROR_BYTES = 64 * 1024  # what is read of a failure's answer: Kubo's {"Mess
 START_HINT = "start it with 'make kubo-start' (scripts/kubo.sh start) or point EMR_IPFS_API at a running daemon"
 # Kubo answers every failure with HTTP 500 and {"Message", "Code": 0}: its message is all there is to go by.
 UNKNOWN_CONTENT = ("context deadline exceeded", "not found", "could not find")
-MALFORMED_REQUEST = ("invalid", "decode", "unsupported", "is a directory", "does not have enough components")
+# The last three are boxo's verifcid, which Kubo asks before looking a CID up: a hash function it does not take
+# ("potentially insecure hash functions not allowed"), a digest shorter or longer than it allows (an identity CID
+# too long). Such a CID is well formed, so is_cid lets it by, and it can never be fetched: a client's error.
+MALFORMED_REQUEST = ("invalid", "decode", "unsupported", "is a directory", "does not have enough components",
+                     "insecure hash function", "digest too small", "digest too large")
 
 
 class _Buffered:

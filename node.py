@@ -142,7 +142,12 @@ class Node:
         self.state_dir = config.state_path
         self.uploads = self.state_dir / UPLOADS_FOLDER
         for folder in (self.data_dir, self.downloads, self.state_dir, self.uploads):
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a file where the folder should be, or no permission
+                raise StateDamaged(f"{folder} cannot be this node's folder ({exc.strerror}). Nothing was changed: "
+                                   f"move what is in the way aside, or give the node another data directory.") \
+                    from None
         self.state_dir.chmod(PRIVATE_FOLDER_MODE)
         self.identity = node_identity(config)
         self.miner = Miner(config.mining_workers or os.cpu_count() or 1)

@@ -247,7 +247,7 @@ def migrate_legacy_state(json_path: Path, store_path: Path, network: dict[str, s
 
 def _read_legacy(json_path: Path) -> tuple[list[Any], list[Any], list[Any]]:
     try:
-        state = json.loads(json_path.read_text(encoding="utf-8"))
+        state = _parsed(json_path.read_text(encoding="utf-8"), "the file")
         chain, pending, peers = state["chain"], state["pending"], state["peers"]
         if not all(isinstance(part, list) for part in (chain, pending, peers)):
             raise ValueError("chain, pending and peers must be lists")
@@ -263,8 +263,16 @@ def _encoded(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+def _parsed(text: str, what: str) -> Any:
+    """json.loads, with nesting too deep for Python's parser (a RecursionError) as the ValueError it is."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what} is JSON nested too deeply to read") from None
+
+
 def _decoded(body: str, what: str) -> dict[str, Any]:
-    value = json.loads(body)
+    value = _parsed(body, what)
     if not isinstance(value, dict):
         raise ValueError(f"{what} is not a JSON object")
     return value

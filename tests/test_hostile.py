@@ -1,14 +1,20 @@
 """Hostile input: path escapes in every path field, oversized and odd bodies, uploads beyond the cap."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
-from conftest import paper_transaction
+from conftest import paper_transaction, wait_until
+from errors import IpfsRefused
+from ipfs_client import IpfsClient
 
 MIB = 1024 * 1024
 ESCAPES = {
@@ -176,3 +182,49 @@ def test_a_lone_surrogate_in_a_path_is_a_400(spawn_node) -> None:
 def test_a_string_shaped_like_a_cid_that_is_none_is_a_400_not_an_ipfs_fault(ipfs_client) -> None:
     response = ipfs_client.post("/get_file", json={"ipfs_hash": "b" + "a" * 60})
     assert response.status_code == 400 and "ipfs_hash" in response.get_json()["error"]
+
+
+def cid_v1(codec: int, hash_function: int, digest: bytes) -> str:
+    """A CIDv1 in base32, as Kubo writes them, of any codec, hash function and digest."""
+    def varint(number: int) -> bytes:
+        out = bytearray()
+        while number >= 0x80:
+            out.append(number & 0x7F | 0x80)
+            number >>= 7
+        return bytes(out + bytes([number]))
+    data = varint(1) + varint(codec) + varint(hash_function) + varint(len(digest)) + digest
+    return "b" + base64.b32encode(data).decode().lower().rstrip("=")
+
+
+RAW, SHA2_256, IDENTITY = 0x55, 0x12, 0x00
+KUBO_REFUSES = {  # well-formed CIDs that Kubo (boxo's verifcid) will not look up, whatever it holds
+    "a hash function Kubo does not take": cid_v1(RAW, 0x9999, hashlib.sha256(b"scan").digest()),
+    "a digest longer than Kubo allows": cid_v1(RAW, SHA2_256, bytes(129)),
+    "an identity CID longer than Kubo allows": cid_v1(RAW, IDENTITY, b"a" * 129),
+}
+
+
+@pytest.mark.parametrize("cid", KUBO_REFUSES.values(), ids=KUBO_REFUSES.keys())
+def test_a_cid_the_real_kubo_refuses_is_ipfs_refused_at_once_not_an_ipfs_fault(kubo, cid: str) -> None:
+    daemon = IpfsClient(kubo.api_url, timeout=10, lookup_timeout=5)
+    started = time.monotonic()
+    for call in (lambda: daemon.open(cid), lambda: daemon.stat(cid), lambda: daemon.pin_add(cid, timeout=5)):
+        with pytest.raises(IpfsRefused, match="Kubo refused it"):
+            call()
+    assert time.monotonic() - started < 5, "Kubo looked it up instead of refusing it"
+
+
+@pytest.mark.parametrize("cid", KUBO_REFUSES.values(), ids=KUBO_REFUSES.keys())
+def test_a_cid_kubo_refuses_is_a_400_for_a_download_and_a_record_not_retried(spawn_node, kubo, cid: str) -> None:
+    node = spawn_node(ipfs_api=kubo.api_url)
+    for response in (node.post("/get_file", {"ipfs_hash": cid}), node.get("/get_file", params={"ipfs_hash": cid})):
+        assert response.status_code == 400, response.text
+        assert cid in response.json()["error"] and "Kubo refused" in response.json()["error"]
+    assert node.post("/add_transaction", paper_transaction(ipfs_hash=cid)).status_code == 201
+    assert node.get("/mine_block").status_code == 200
+
+    def failed_pin() -> dict[str, Any] | None:
+        pin = node.get(f"/records/{cid}", params={"peers": "false"}).json()["pin"]
+        return pin if pin and pin["state"] == "failed" else None
+    pin = wait_until(failed_pin)
+    assert "IpfsRefused" in pin["reason"] and pin["retry_in_ms"] is None, pin  # never fetchable: not retried

@@ -119,6 +119,45 @@ def test_an_upload_cut_off_half_way_records_nothing_and_leaves_no_file(node_with
     assert whole.status_code == 200
 
 
+def publish_body(data: bytes) -> bytes:
+    """A browser's publish_record: the record's fields first, then the file (so half the body holds every field)."""
+    fields = {"EHR_name": "MRI", "user_id": "xxxxx", "password": "patient's password"}
+    return "".join(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+                   for name, value in fields.items()).encode() + multipart_body(data, "MRI.pdf")
+
+
+def test_a_publish_record_upload_cut_off_half_way_records_nothing_and_leaves_no_file(
+        node_with, kubo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    temp = tmp_path / "node-temp"  # the node's temporary folder (waitress spools large bodies there)
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    node = node_with("publish-cut")
+    before, chain = files_in(node.data_dir), node.chain()
+    pins = set(kubo.rpc("pin/ls", type="recursive")["Keys"])
+    body = publish_body(os.urandom(8 * MIB))
+    head = (f"POST /publish_record HTTP/1.1\r\nHost: 127.0.0.1:{node.port}\r\nContent-Type: {MULTIPART}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", node.port))
+    sock.sendall(head + body[:len(body) // 2])
+    time.sleep(0.5)  # half of it has reached the node by now
+    sock.close()
+    time.sleep(1)  # whatever the node makes of the half it got
+    health = node.get("/health").json()
+    assert health["pending"] == 0 and node.chain() == chain
+    assert files_in(node.data_dir) == before, "a partial file was left in the data directory"
+    assert files_in(temp) == [], "a partial file was left in the temporary folder"
+    assert set(kubo.rpc("pin/ls", type="recursive")["Keys"]) == pins, "Kubo kept the partial file"
+
+    whole = socket.create_connection(("127.0.0.1", node.port))  # the same upload, sent whole, is recorded once
+    whole.sendall(head + body)
+    status, result = answer(whole, timeout=60)
+    whole.close()
+    assert status == 201, result
+    assert node.get("/health").json()["pending"] == 1
+    assert set(kubo.rpc("pin/ls", type="recursive")["Keys"]) - pins == {result["IPFS Hash"]["Hash"]}
+    assert files_in(node.data_dir) == before and files_in(temp) == []
+
+
 def test_a_streamed_upload_that_stops_gets_a_408_and_gives_its_slot_back(node_with) -> None:
     node = node_with("stalled", upload_streams=1, body_timeout=1)
     sock = socket.create_connection(("127.0.0.1", node.port))

@@ -1,7 +1,11 @@
 """The encryption endpoints, and the paper's Fig. 3 workflow in-process on a real Kubo daemon."""
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
+from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -37,6 +41,64 @@ def test_wrong_password_is_a_400_that_names_no_password_and_writes_nothing(clien
     assert "wrong password" in message and "guess" not in message.replace("guess.pdf", "")
     assert str(client.node.data_dir) not in message
     assert not (client.node.data_dir / "guess.pdf").exists()
+
+
+def flip(offset_from_end: int) -> Callable[[Path], None]:
+    def damage(path: Path) -> None:
+        data = bytearray(path.read_bytes())
+        data[-offset_from_end] ^= 0x01
+        path.write_bytes(bytes(data))
+    return damage
+
+
+def cut_in_the_body(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - 100_001)  # not whole blocks: a cut, not a forgery
+
+
+TRAILER = 33  # AES Crypt's trailer: the modulo byte, then the body's HMAC-SHA256
+UNREADABLE = {  # damage to MRI.pdf.aes, password sent, what the error must say
+    "wrong password": (None, "not the password", "wrong password"),
+    "a flipped bit half way": (flip(1_500_000), PASSWORD, "tampered"),
+    "a flipped bit in the last block": (flip(TRAILER + 1), PASSWORD, "tampered"),
+    "a modulo byte that disagrees with the padding": (flip(TRAILER), PASSWORD, "damaged"),
+    "a flipped bit in the body's HMAC": (flip(1), PASSWORD, "tampered"),
+    "cut short in the body": (cut_in_the_body, PASSWORD, "truncated"),
+}
+
+
+def tree(folder: Path) -> dict[str, tuple[int, str] | None]:
+    """Every name under `folder`, with each file's size and SHA-256: what was written anywhere in it."""
+    return {str(path.relative_to(folder)): None if path.is_dir() else
+            (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()) for path in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("output", [{}, {"output_path": "records/MRI.pdf"},
+                                    {"output_path": "kept.pdf", "overwrite": True}],
+                         ids=["beside", "in-a-folder", "over-an-existing-file"])
+@pytest.mark.parametrize("case", UNREADABLE)
+def test_an_unreadable_aes_file_is_a_400_and_leaves_no_plaintext_anywhere(
+        client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, output: dict[str, object]) -> None:
+    temp = tmp_path / "temp"  # where Python's temporary files go
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    data_dir = client.node.data_dir
+    record = os.urandom(3 * 1024 * 1024 + 5)  # several chunks, and a last block with padding
+    (data_dir / "MRI.pdf").write_bytes(record)
+    assert client.post("/encrypt_file", json={"file_path": "MRI.pdf", "password": PASSWORD}).status_code == 200
+    (data_dir / "MRI.pdf").unlink()
+    (data_dir / "records").mkdir()
+    (data_dir / "kept.pdf").write_bytes(b"the file the output would replace")
+    damage, password, problem = UNREADABLE[case]
+    if damage:
+        damage(data_dir / "MRI.pdf.aes")
+    before = tree(data_dir)
+    response = client.post("/decrypt_file", json={"file_path": "MRI.pdf.aes", "password": password, **output})
+    assert response.status_code == 400, response.get_data(as_text=True)
+    message = response.get_json()["error"]
+    assert "MRI.pdf.aes" in message and problem in message, message
+    assert tree(data_dir) == before, "the decryption left or changed a file in the data directory"
+    assert tree(temp) == {}, "the decryption left a temporary file"
 
 
 def test_existing_output_is_a_409_unless_overwrite(client, record: bytes) -> None:
