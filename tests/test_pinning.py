@@ -198,20 +198,83 @@ def test_a_full_queue_holds_records_back_without_losing_any(make_pinner) -> None
     assert sorted(set(daemon.calls)) == sorted(CIDS)
 
 
-def test_records_of_blocks_taken_in_a_reorganisation_are_pinned(make_pinner) -> None:
+def reorganised(pinner: Pinner, ours_records: list[str], theirs_records: list[str]) -> tuple[Blockchain, Blockchain]:
+    """Our chain mines one block per record of `ours_records`, a peer's one per record of `theirs_records` (more
+    blocks, so ours gives way); then ours takes the peer's. The Pinner follows our chain, as a node's does."""
+    ours, theirs = Blockchain(difficulty=1), Blockchain(difficulty=1)
+    pinner.on_chain = lambda cid: ours.record_for_cid(cid) is not None
+    ours.on_block = pinner.on_block
+    for cid in ours_records:
+        ours.add_transaction(paper_transaction(ipfs_hash=cid))
+        ours.mine_block()
+    settled(pinner, known=len(ours_records))
+    for cid in theirs_records:
+        theirs.add_transaction(paper_transaction(ipfs_hash=cid))
+        theirs.mine_block()
+    replaced, why = ours.replace_chain(theirs.chain)
+    assert replaced, why
+    return ours, theirs
+
+
+def test_records_of_blocks_taken_in_a_reorganisation_are_pinned_and_dropped_ones_are_known_again_once_re_mined(
+        make_pinner) -> None:
+    daemon = FakeDaemon()
+    pinner = make_pinner(daemon)
+    ours, _ = reorganised(pinner, [CIDS[0]], CIDS[1:3])
+    summary = settled(pinner, pinned=2)
+    # The dropped block's record is pending again, not on the chain: not known, as GET /records answers 404 for
+    # a pending record. Its pin in Kubo stays (the node never unpins).
+    assert summary["known"] == 2 and pinner.status(CIDS[0]) is None
+    assert {cid: pinner.status(cid)["block_index"] for cid in CIDS[1:3]} == {CIDS[1]: 2, CIDS[2]: 3}
+    assert CIDS[0] in daemon.pins and [tx["ipfs_hash"] for tx in ours.pending] == [CIDS[0]]
+    ours.mine_block()  # its transaction, mined again: the record is back, at its new block
+    settled(pinner, known=3, pinned=3)
+    assert pinner.status(CIDS[0])["block_index"] == 4
+
+
+def test_a_record_no_longer_on_the_chain_is_not_retried(make_pinner) -> None:
+    daemon = FakeDaemon(failures={CIDS[0]: 10_000})  # nobody can provide it
+    pinner = make_pinner(daemon, first_retry=0.02, retry_max=0.02)
+    ours, _ = reorganised(pinner, [CIDS[0]], CIDS[1:3])
+    settled(pinner, known=2, pinned=2, failed=0, missing=0)
+    calls = daemon.calls.count(CIDS[0])
+    time.sleep(0.3)  # some fifteen back-offs
+    assert daemon.calls.count(CIDS[0]) <= calls + 1  # at most the attempt under way when it left the chain
+    assert pinner.status(CIDS[0]) is None and pinner.summary()["known"] == 2
+
+
+def test_a_reorganisation_right_after_a_restart_forgets_the_records_it_dropped(make_pinner) -> None:
+    """A node restarted from --persist reads its chain at start; the first block it then takes may already be
+    a reorganisation's."""
+    on_chain = {CIDS[0], CIDS[1]}
+    pinner = make_pinner(FakeDaemon(), [block(1), block(2, CIDS[0]), block(3, CIDS[1])],
+                         on_chain=lambda cid: cid in on_chain)
+    settled(pinner, known=2, pinned=2)
+    on_chain.discard(CIDS[1])  # a peer's chain replaced our block 3 with one of its own
+    on_chain.add(CIDS[2])
+    pinner.on_block(block(3, CIDS[2]))
+    settled(pinner, known=2, pinned=2)
+    assert pinner.status(CIDS[1]) is None and pinner.status(CIDS[2])["block_index"] == 3
+
+
+def test_a_record_that_stays_on_the_chain_through_a_reorganisation_keeps_its_pin(make_pinner) -> None:
+    """The same record in both chains (one transaction, gossiped, mined on both sides): pinned once, never
+    forgotten."""
     daemon = FakeDaemon()
     pinner = make_pinner(daemon)
     ours, theirs = Blockchain(difficulty=1), Blockchain(difficulty=1)
+    pinner.on_chain = lambda cid: ours.record_for_cid(cid) is not None
     ours.on_block = pinner.on_block
-    ours.add_transaction(paper_transaction(ipfs_hash=CIDS[0]))
-    ours.mine_block()
-    for cid in CIDS[1:3]:
-        theirs.add_transaction(paper_transaction(ipfs_hash=cid))
-        theirs.mine_block()
-    replaced, _ = ours.replace_chain(theirs.chain)
-    assert replaced
-    settled(pinner, pinned=3)  # the dropped block's record stays pinned; its transaction is pending again
-    assert {cid: pinner.status(cid)["block_index"] for cid in CIDS[:3]} == {CIDS[0]: 2, CIDS[1]: 2, CIDS[2]: 3}
+    tx = paper_transaction(ipfs_hash=CIDS[0])
+    for chain in (ours, theirs):
+        chain.add_transaction(tx)
+        chain.mine_block()
+    theirs.add_transaction(paper_transaction(ipfs_hash=CIDS[1]))
+    theirs.mine_block()
+    settled(pinner, pinned=1)
+    assert ours.replace_chain(theirs.chain)[0] and ours.chain[1] == theirs.chain[1] != ours.genesis
+    settled(pinner, known=2, pinned=2)
+    assert daemon.calls.count(CIDS[0]) == 1
 
 
 # -- the node's endpoints, in-process (no Kubo) ---------------------------------------------------
@@ -233,6 +296,25 @@ def test_health_and_records_endpoint_without_a_daemon(client) -> None:
     assert "'cid'" in client.get("/records/QmNotACid").get_json()["error"]
     assert client.get(f"/records/{CIDS[0]}").status_code == 404
     assert client.get(f"/records/{PAPER_HASH}?peers=maybe").status_code == 400
+
+
+def test_a_record_whose_block_a_reorganisation_dropped_leaves_the_health_count_until_mined_again(
+        make_client) -> None:
+    ours, theirs = make_client(), make_client()
+    ours.post("/add_transaction", json=paper_transaction(ipfs_hash=CIDS[0]))
+    ours.get("/mine_block")
+    for cid in CIDS[1:3]:
+        theirs.post("/add_transaction", json=paper_transaction(ipfs_hash=cid))
+        theirs.get("/mine_block")
+    assert ours.get("/health").get_json()["records"]["known"] == 1
+    replaced, why = ours.node.blockchain.replace_chain(theirs.get("/get_chain").get_json()["chain"])
+    assert replaced, why
+    health = ours.get("/health").get_json()
+    assert health["records"]["known"] == 2 and health["pending"] == 1
+    assert ours.get(f"/records/{CIDS[0]}").status_code == 404  # pending again, like any record not yet mined
+    ours.get("/mine_block")
+    assert ours.get("/health").get_json()["records"]["known"] == 3
+    assert ours.get(f"/records/{CIDS[0]}").get_json()["pin"]["block_index"] == 4
 
 
 def test_pin_settings_are_checked() -> None:
