@@ -17,7 +17,7 @@ from conftest import PAPER_HASH, paper_transaction, wait_until
 from errors import IpfsRefused, IpfsUnknownCid, IpfsUnreachable
 from ipfs_client import IpfsClient
 from pinning import Pinner, record_cids
-from scripts.cluster import Kubo, free_port, private_network, write_swarm_key
+from scripts.cluster import Kubo, free_port, private_network, write_sample_record, write_swarm_key
 
 CIDS = ["QmSKQGGnHKgc53Ri71KFLbkAvEjXD9aZUAJT54DUBs4vjJ", "QmUNLLsPACCz1vLxQVkXqqLX5R1X345qqfHbsf67hvA3Nn",
         PAPER_HASH, "QmT78zSuBmuS4z925WZfrqQ1qHaJ56DQaTfyMUF7F8ff5o", "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"]
@@ -368,6 +368,57 @@ def test_a_record_added_on_one_daemon_is_pinned_by_a_node_on_another_and_outlive
         fetched = client.post("/get_file", json={"ipfs_hash": cid})
         assert fetched.status_code == 200, fetched.get_json()
         assert (client.node.data_dir / fetched.get_json()["path"]).read_bytes() == data
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+
+
+def test_on_a_signed_network_openable_pins_a_record_only_once_a_grant_lets_the_node_open_it(
+        signed_network, tmp_path: Path) -> None:
+    """pin_records=openable on a signed network: a provider with its own Kubo does not keep a record it has no
+    grant for; the block that grants it one makes its node pin it, and it opens the record after the patient's
+    daemon is gone."""
+    ports = [(free_port(), free_port(), free_port()) for _ in range(2)]
+    daemons = private_network([tmp_path / "a", tmp_path / "b"], ports, write_swarm_key(tmp_path / "swarm.key"))
+    try:
+        patients, own = daemons
+        patient, provider = signed_network(("patient", "healthcare_provider"), ipfs_api=patients.api_url,
+                                           pin_records="openable", ipfs_lookup_timeout=5.0)
+        provider.stop()  # the provider's node runs on a daemon of its own
+        provider.args[provider.args.index("--ipfs-api") + 1] = own.api_url
+        provider.start()
+        assert patient.post("/connect_node", {"nodes": [provider.url]}).status_code == 201
+        wait_until(lambda: len(provider.get("/health").json()["peers"]) == 1)
+        patient_dir = Path(patient.args[patient.args.index("--data-dir") + 1])
+        write_sample_record(patient_dir / "MRI.pdf")
+        published = patient.post("/publish_record", {"file_path": "MRI.pdf", "EHR_name": "MRI", "user_id": "xxxxx"})
+        assert published.status_code == 201, published.text
+        cid = published.json()["IPFS Hash"]["Hash"]
+        assert patient.get("/mine_block").status_code == 200
+
+        def pin_state(state: str) -> dict[str, Any] | None:
+            answer = provider.get(f"/records/{cid}?peers=false")
+            return answer.json() if answer.status_code == 200 and answer.json()["pin"]["state"] == state else None
+
+        skipped = wait_until(lambda: pin_state("skipped"), timeout=15)["pin"]
+        assert "may not open" in skipped["reason"] and skipped["attempts"] == 0
+        time.sleep(1)  # had it been queued, a pin of a file this small would be done by now
+        assert cid not in own.rpc("pin/ls", type="recursive")["Keys"]
+        assert provider.get("/health").json()["records"]["skipped"] == 1
+
+        member = provider.get("/identity").json()["node_id"]
+        granted = patient.post("/grant", {"record": cid, "member": member, "purpose": "follow-up"})
+        assert granted.status_code == 201, granted.text
+        assert patient.get("/mine_block").status_code == 200
+        pinned = wait_until(lambda: pin_state("pinned"), timeout=30)["pin"]
+        assert pinned["attempts"] == 1 and cid in own.rpc("pin/ls", type="recursive")["Keys"]
+        assert provider.get("/health").json()["records"]["pinned"] == 1
+
+        patients.stop()  # the copy its node pinned is what the provider opens
+        opened = provider.post("/open_record", {"record": "MRI", "purpose": "follow-up"})
+        assert opened.status_code == 200, opened.text
+        provider_dir = Path(provider.args[provider.args.index("--data-dir") + 1])
+        assert (provider_dir / opened.json()["path"]).read_bytes() == (patient_dir / "MRI.pdf").read_bytes()
     finally:
         for daemon in daemons:
             daemon.stop()
