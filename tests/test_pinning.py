@@ -198,16 +198,18 @@ def test_a_full_queue_holds_records_back_without_losing_any(make_pinner) -> None
     assert sorted(set(daemon.calls)) == sorted(CIDS)
 
 
-def reorganised(pinner: Pinner, ours_records: list[str], theirs_records: list[str]) -> tuple[Blockchain, Blockchain]:
+def reorganised(pinner: Pinner, ours_records: list[str], theirs_records: list[str],
+                 **before: int) -> tuple[Blockchain, Blockchain]:
     """Our chain mines one block per record of `ours_records`, a peer's one per record of `theirs_records` (more
-    blocks, so ours gives way); then ours takes the peer's. The Pinner follows our chain, as a node's does."""
+    blocks, so ours gives way); once the Pinner's summary shows `before`, ours takes the peer's. The Pinner
+    follows our chain, as a node's does."""
     ours, theirs = Blockchain(difficulty=1), Blockchain(difficulty=1)
     pinner.on_chain = lambda cid: ours.record_for_cid(cid) is not None
     ours.on_block = pinner.on_block
     for cid in ours_records:
         ours.add_transaction(paper_transaction(ipfs_hash=cid))
         ours.mine_block()
-    settled(pinner, known=len(ours_records))
+    settled(pinner, known=len(ours_records), **before)
     for cid in theirs_records:
         theirs.add_transaction(paper_transaction(ipfs_hash=cid))
         theirs.mine_block()
@@ -220,7 +222,7 @@ def test_records_of_blocks_taken_in_a_reorganisation_are_pinned_and_dropped_ones
         make_pinner) -> None:
     daemon = FakeDaemon()
     pinner = make_pinner(daemon)
-    ours, _ = reorganised(pinner, [CIDS[0]], CIDS[1:3])
+    ours, _ = reorganised(pinner, [CIDS[0]], CIDS[1:3], pinned=1)
     summary = settled(pinner, pinned=2)
     # The dropped block's record is pending again, not on the chain: not known, as GET /records answers 404 for
     # a pending record. Its pin in Kubo stays (the node never unpins).
@@ -235,7 +237,7 @@ def test_records_of_blocks_taken_in_a_reorganisation_are_pinned_and_dropped_ones
 def test_a_record_no_longer_on_the_chain_is_not_retried(make_pinner) -> None:
     daemon = FakeDaemon(failures={CIDS[0]: 10_000})  # nobody can provide it
     pinner = make_pinner(daemon, first_retry=0.02, retry_max=0.02)
-    ours, _ = reorganised(pinner, [CIDS[0]], CIDS[1:3])
+    ours, _ = reorganised(pinner, [CIDS[0]], CIDS[1:3], failed=1)
     settled(pinner, known=2, pinned=2, failed=0, missing=0)
     calls = daemon.calls.count(CIDS[0])
     time.sleep(0.3)  # some fifteen back-offs
