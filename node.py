@@ -164,7 +164,8 @@ class Node:
         self._document: tuple[tuple[int, str] | None, bytes] = (None, b"")
         self._document_lock = threading.Lock()
         self.pinner = Pinner(self.ipfs, config.pin_records, self.may_open, timeout=config.pin_timeout,
-                             workers=config.pin_workers, retry_max=config.pin_retry_max)
+                             workers=config.pin_workers, retry_max=config.pin_retry_max,
+                             on_chain=lambda cid: self.blockchain.record_for_cid(cid) is not None)
         self._member = False  # (signed) whether this node is a member after our last block: logged as it changes
         self.blockchain.on_block = self._on_block
         self.store: Store | None = None

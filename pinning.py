@@ -6,12 +6,22 @@ acceptance never waits for IPFS. Worker threads then `pin/add` each one in the n
 fetches whatever it lacks from the private IPFS network, within a per-pin timeout; a pin that fails is tried
 again after a back-off that doubles up to a cap, for as long as the record is on the chain.
 
+A reorganisation can take a record off the chain: its block is dropped and the new blocks do not hold it (its
+transaction is pending again, to be mined once more). The first block of a reorganisation reaches `on_block`
+with an index we have seen already, when the new chain is in place; every record noted at that index or later
+that `on_chain` no longer finds is then forgotten: it is not counted as known, not retried, and GET /records
+answers for it as for any pending record. If it is mined again, its block brings it back like a new record (a
+pin already made is found at once: the node never unpins, so a copy pinned before the reorganisation stays in
+Kubo either way).
+
 What is pinned is kept in memory only. At start the worker reads the chain and asks Kubo which CIDs it
 holds pinned already; every record of the chain that is not is queued. So a node that was down catches up on
 the pins it missed, and a Kubo repo restored from elsewhere is taken as it is.
 
-`mode`: "all" pins every record, "openable" only those the node's predicate says it may open (today every
-record; later, the ones a consent grant covers), "none" pins nothing (records are still listed, as skipped).
+`mode`: "all" pins every record, "openable" only those the node's `may_open` says it may open (Node.may_open:
+every record on the paper's network; on a signed one its own records, those a valid grant to it covers and its
+break-glass copies; a grant that arrives later makes `reconsider` queue them), "none" pins nothing (records are
+still listed, as skipped).
 
 Plain Python: no Flask, no HTTP; the IPFS daemon is anything with `pin_add(cid, timeout)` and `pinned()`
 (ipfs_client.IpfsClient), raising the IPFS errors of errors.py.
@@ -59,6 +69,7 @@ class PinRecord:
     pinned_at: float | None = None  # wall clock; None if found pinned at start or never pinned
     next_try: float | None = None  # monotonic time of the next attempt, for a failed one
     in_queue: bool = False  # in the work queue (else it waits in the table for room)
+    ticket: int = -1  # its entry in the work queue; older entries for its CID are stale
 
     def describe(self, now: float) -> dict[str, Any]:
         retry = None if self.next_try is None or self.state != FAILED else max(0.0, self.next_try - now)
@@ -90,13 +101,15 @@ class Pinner:
     """The pins of one node: a table of every record the chain names, and workers that pin them."""
 
     def __init__(self, daemon: PinDaemon, mode: str = "all", may_open: Callable[[str], bool] = lambda cid: True,
-                 *, timeout: float = 60.0, workers: int = 2, retry_max: float = 60.0,
-                 queue_limit: int = DEFAULT_QUEUE_LIMIT, first_retry: float = FIRST_RETRY_SECONDS) -> None:
+                 *, on_chain: Callable[[str], bool] = lambda cid: True, timeout: float = 60.0, workers: int = 2,
+                 retry_max: float = 60.0, queue_limit: int = DEFAULT_QUEUE_LIMIT,
+                 first_retry: float = FIRST_RETRY_SECONDS) -> None:
         if mode not in MODES:
             raise ValueError(f"pin mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.daemon = daemon
         self.mode = mode
         self.may_open = may_open
+        self.on_chain = on_chain  # whether a mined block of the chain records this CID now
         self.timeout = timeout
         self.workers = max(1, workers)
         self.retry_max = retry_max
@@ -105,6 +118,7 @@ class Pinner:
         self._records: dict[str, PinRecord] = {}
         self._queue: list[tuple[float, int, str]] = []  # (when, order, cid): a heap
         self._order = itertools.count()
+        self._last_index = 0  # the index of the last block on_block was given
         self._waiting = 0  # records to pin that are not in the queue (it was full)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -116,7 +130,34 @@ class Pinner:
     # -- fed by the chain (under its lock: quick, never blocks on IPFS) --------------------------
 
     def on_block(self, block: dict[str, Any]) -> None:
+        with self._lock:
+            reorganised = block["index"] <= self._last_index
+            self._last_index = block["index"]
+        if reorganised:
+            self._forget_dropped(block["index"])
         self._note(block, time.time(), pinned=())
+
+    def _forget_dropped(self, index: int) -> None:
+        """Forget the records of blocks from `index` on that the chain no longer holds (a reorganisation
+        dropped their blocks). Runs under the chain's lock, with the new chain in place; `on_chain` is asked
+        outside our own lock, which is never held while waiting for the chain's."""
+        with self._lock:
+            suspects = [record.cid for record in self._records.values() if record.block_index >= index]
+        gone = [cid for cid in suspects if not self._on_chain(cid)]
+        if not gone:
+            return
+        with self._lock:
+            for cid in gone:
+                self._records.pop(cid, None)
+        log.info("%d record(s) left the chain in a reorganisation from block %d; no longer pinned here unless "
+                 "mined again (pins already made stay): %s", len(gone), index, ", ".join(gone[:5]))
+
+    def _on_chain(self, cid: str) -> bool:
+        try:
+            return bool(self.on_chain(cid))
+        except Exception:  # keep a record rather than lose it to a failing predicate
+            log.exception("on_chain(%s) failed", cid)
+            return True
 
     def _note(self, block: dict[str, Any], seen_at: float, pinned: Iterable[str]) -> None:
         cids = record_cids(block)
@@ -149,7 +190,8 @@ class Pinner:
             return
         record.in_queue = True
         record.next_try = when
-        heapq.heappush(self._queue, (when, next(self._order), record.cid))
+        record.ticket = next(self._order)
+        heapq.heappush(self._queue, (when, record.ticket, record.cid))
 
     def _refill(self) -> None:
         """Move records that waited for room into the queue, oldest block first; caller holds the lock."""
@@ -206,7 +248,10 @@ class Pinner:
                 self.scan_error = str(exc)
                 log.warning("could not list this node's pins (%s); every record of the chain is queued", exc)
         now = time.time()
-        for block in chain():
+        blocks = chain()
+        with self._lock:  # so a reorganisation that comes before any new block is seen as one
+            self._last_index = max([self._last_index, *(block["index"] for block in blocks)])
+        for block in blocks:
             self._note(block, now, pinned)
         with self._lock:
             for cid in pinned & self._records.keys():  # noted by on_block meanwhile, but pinned already
@@ -239,8 +284,10 @@ class Pinner:
             while not self._stopped:
                 self._refill()
                 if self._queue and self._queue[0][0] <= time.monotonic():
-                    _, _, cid = heapq.heappop(self._queue)
-                    record = self._records[cid]
+                    _, ticket, cid = heapq.heappop(self._queue)
+                    record = self._records.get(cid)
+                    if record is None or record.ticket != ticket:
+                        continue  # it left the chain (or was noted again since)
                     record.in_queue = False
                     if record.state == PINNED or record.state == SKIPPED:
                         continue
@@ -285,6 +332,8 @@ class Pinner:
                 else type(exc).__name__)
         with self._lock:
             record.state, record.reason = FAILED, f"{kind}: {exc}"
+            if self._records.get(record.cid) is not record:
+                return  # it left the chain while we tried: no more attempts
             if permanent:
                 record.next_try = None
             else:

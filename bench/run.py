@@ -1,4 +1,5 @@
-"""Measure emr-chain against the goals of issue #6 and write bench/results/ (results.json, results.md, latency.png).
+"""Measure emr-chain against the goals its issues set (#6 first, then #11 to #15) and write bench/results/
+(results.json, results.md, latency.png).
 
     .venv/bin/python bench/run.py            # everything (under 20 minutes on 2 cores)
     .venv/bin/python bench/run.py --quick    # a smoke run of every item with small sizes (a few minutes)

@@ -1,4 +1,4 @@
-"""Item 8: emr-chain across lab hosts (network namespaces, a node and a Kubo on each; scripts/lab_cluster.py).
+"""Item 10: emr-chain across lab hosts (network namespaces, a node and a Kubo on each; scripts/lab_cluster.py).
 
 Soak: every host records at a steady rate (its own application, bench/soak_agent.py, inside the host) and mines
 now and then, while one host after another is cut off for a while and healed. Reported: acknowledged against
@@ -363,7 +363,7 @@ class SoakFailed(RuntimeError):
 
 
 def run(ctx: Any) -> dict[str, Any]:
-    """Item 8 for bench/run.py: what was measured, also when a part failed (then a goal row says which)."""
+    """Item 10 for bench/run.py: what was measured, also when a part failed (then a goal row says which)."""
     args = ctx.args
     try:
         return measure(args.soak_hosts, args.soak_seconds, args.soak_rate, args.soak_mine_every,

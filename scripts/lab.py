@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import errno
 import ipaddress
 import json
@@ -242,6 +243,7 @@ class Lab:
         self._toxiproxies: dict[int, subprocess.Popen[Any]] = {}
         self._proxies: dict[int, dict[str, str]] = {}
         self._swarm_key: Path | None = None
+        self.swarm_dial_failures: dict[int, int] = {}  # host -> swarm/connect calls that failed (lossy links)
         self.failed = False
 
     # -- building and tearing down
@@ -550,8 +552,19 @@ class Lab:
         daemon.running = True
         for other in others:  # Peering retries with a back-off: connect the ones already up at once
             if self._kubos[other].running:
-                daemon.connect(other)
+                self._dial(daemon, other)
         return daemon.api_url
+
+    def _dial(self, daemon: "LabKubo", other: int, attempts: int = 5) -> None:
+        """Connect a daemon's swarm to another host's now, again if a lossy link resets the dial; if every
+        attempt fails, Peering keeps trying. Failed dials are counted in `swarm_dial_failures`."""
+        for attempt in range(attempts):
+            try:
+                daemon.connect(other)
+                return
+            except LabError:
+                self.swarm_dial_failures[daemon.host] = self.swarm_dial_failures.get(daemon.host, 0) + 1
+                time.sleep(0.2 * 2 ** attempt)
 
     def kubo_network(self, hosts: Iterable[int] | None = None, *, via_proxy: bool = False,
                      timeout: float = 60) -> list["LabKubo"]:
@@ -582,7 +595,7 @@ class Lab:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             process = self.popen(host, [binary, "-host", "127.0.0.1", "-port", str(TOXIPROXY_API_PORT)],
-                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LOG_LEVEL": "warn"})
+                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LOG_LEVEL": "info"})
         self._toxiproxies[host] = process
         self._proxies.setdefault(host, {})
         self.wait_http(host, f"{url}/version", process, timeout=30, log=log_path)
@@ -605,6 +618,31 @@ class Lab:
     def proxies(self, host: int) -> dict[str, str]:
         """name -> listen address of the proxies in a host."""
         return dict(self._proxies.get(host, {}))
+
+    def accepted_connections(self, host: int) -> collections.Counter[str]:
+        """Proxy name -> connections the host's Toxiproxy has accepted so far (every connection another host
+        opened to it), read from its log (one "Accepted client" line each, at log level info)."""
+        counts: collections.Counter[str] = collections.Counter()
+        log_path = self.workdir / f"toxiproxy-h{host}.log"
+        if host not in self._toxiproxies or not log_path.exists():
+            return counts
+        for line in log_path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("message") == "Accepted client":
+                counts[str(entry.get("name"))] += 1
+        return counts
+
+    def toxics(self, host: int) -> dict[str, list[dict[str, Any]]]:
+        """Proxy name -> the toxics on it now, as the host's Toxiproxy reports them."""
+        if host not in self._toxiproxies:
+            return {}
+        reply = self.get(host, f"http://127.0.0.1:{TOXIPROXY_API_PORT}/proxies")
+        if reply.status != 200:
+            raise LabError(f"Toxiproxy in host {host} did not list its proxies: {reply}")
+        return {name: proxy.get("toxics") or [] for name, proxy in reply.json().items()}
 
     def add_toxic(self, host: int, kind: str, attributes: dict[str, Any], *, proxy: str | None = None,
                   stream: str = "downstream", toxicity: float = 1.0, name: str | None = None) -> list[str]:
@@ -646,8 +684,10 @@ class Lab:
         sends, the connection is reset (the request never reaches the service; the client sees
         ECONNRESET at once, so tests stay fast). mode "blackhole": `timeout` with timeout 0 on the
         upstream: the request is swallowed and nothing comes back, until the client's own timeout.
-        Long-lived connections (Kubo's libp2p connection, HTTP keep-alive) are hit at their start or
-        never."""
+        Each connection is decided once: when it opens, or, for one already open when the toxic is added,
+        at that moment. So a long-lived connection (Kubo's libp2p connection, HTTP keep-alive) is lost
+        with probability `rate` once in its life; to subject every connection to the loss, add it before
+        any connection is made (`LabCluster(latency_ms=..., loss=...)` does)."""
         if not 0.0 <= rate <= 1.0:
             raise ValueError("rate is a probability, 0..1")
         kinds = {"reset": "reset_peer", "blackhole": "timeout"}
@@ -739,6 +779,41 @@ class LabKubo(Kubo):
         assert self.lab is not None
         peer = self.lab._kubos[other]
         self.rpc("swarm/connect", arg=f"/ip4/{self.lab.address(other)}/tcp/{KUBO_SWARM_PORT}/p2p/{peer.identity}")
+
+    def ping(self, other: int, count: int = 3) -> list[float]:
+        """Round trips (seconds) of libp2p pings to another host's Kubo over the swarm connection."""
+        assert self.lab is not None
+        # A multiaddress, not the bare peer ID: with routing "none" Kubo cannot look a peer up.
+        peer = f"/ip4/{self.lab.address(other)}/tcp/{KUBO_SWARM_PORT}/p2p/{self.lab._kubos[other].identity}"
+        reply = self.lab.post(self.host, f"{self.api_url}/api/v0/ping?{urlencode({'arg': peer, 'count': count})}",
+                              timeout=30)
+        if reply.status != 200:
+            raise LabError(f"Kubo in host {self.host}: ping {peer}: {reply}")
+        answers = [json.loads(line) for line in reply.text.splitlines() if line.strip()]
+        if not all(answer.get("Success") for answer in answers):
+            raise LabError(f"Kubo in host {self.host}: ping {peer}: {answers}")
+        times = [answer["Time"] / 1e9 for answer in answers if answer.get("Time")]
+        if not times:
+            raise LabError(f"Kubo in host {self.host}: ping {peer} measured nothing: {answers}")
+        return times
+
+    def is_pinned(self, cid: str) -> bool:
+        """Whether the daemon holds `cid` under a recursive pin (what `pin/add` makes)."""
+        assert self.lab is not None
+        reply = self.lab.post(self.host, f"{self.api_url}/api/v0/pin/ls?{urlencode({'arg': cid, 'type': 'recursive'})}",
+                              timeout=30, expect=(200, 500))
+        return reply.status == 200 and cid in (reply.json().get("Keys") or {})
+
+    def local_bytes(self, cid: str) -> bytes | None:
+        """The file `cid` read from this daemon's own blocks only (offline), or None if it lacks any."""
+        assert self.lab is not None
+        reply = self.lab.post(self.host, f"{self.api_url}/api/v0/cat?{urlencode({'arg': cid, 'offline': 'true'})}",
+                              timeout=30, expect=(200, 500))
+        return reply.body if reply.status == 200 else None
+
+    def collect_garbage(self) -> None:
+        """`ipfs repo gc`: delete every block no pin holds."""
+        self.ipfs("repo", "gc", "--quiet")
 
     def stop(self) -> None:
         super().stop()

@@ -16,6 +16,7 @@ from inside a lab host (`Lab.http`): the root namespace has no way in.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import sys
@@ -30,13 +31,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from blockchain import hash_block  # noqa: E402
-from scripts.lab import NODE_PORT, Lab, LabError, LabKubo, LabNode, Reply  # noqa: E402
+from scripts.lab import KUBO_SWARM_PORT, NODE_PORT, Lab, LabError, LabKubo, LabNode, Reply  # noqa: E402
 
 THREE_ROLES = {1: "patient", 2: "healthcare_authority", 3: "healthcare_provider"}
 # Quick reactions for a lab run: sync every second, retry pins soon, short waits for a host that is gone.
 LAB_SETTINGS = {"sync_interval": 1.0, "peer_timeout": 2.0, "pin_retry_max": 2.0, "pin_timeout": 20.0,
                 "ipfs_lookup_timeout": 5.0}
 ATTEMPTS = 8  # a request that finds no connection (a lost link) is tried again this often
+# What network.py logs when a request to a peer node met a reset connection (wire.PeerClient names the error).
+RESET_IN_LOG = re.compile(r"unreachable \((?:ConnectionResetError|RemoteDisconnected|BrokenPipeError|"
+                          r"ConnectionAbortedError)\)")
 
 
 @dataclass
@@ -56,12 +60,16 @@ class LabCluster:
     lab: Lab
     roles: dict[int, str] = field(default_factory=lambda: dict(THREE_ROLES))
     via_proxy: bool = False  # every node and swarm behind Toxiproxy in its host, for latency and loss
+    latency_ms: int = 0  # latency on every link into every host, set before anything connects (implies via_proxy)
+    loss: float = 0.0  # the fraction of connections into every host that are reset (Lab.add_loss), likewise
     api_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     settings: dict[str, Any] = field(default_factory=dict)
     persist: Iterable[int] = ()  # hosts whose node keeps its state (--persist)
     say: Callable[[str], None] = lambda text: None
     nodes: dict[int, LabNode] = field(default_factory=dict)
     kubos: dict[int, LabKubo] = field(default_factory=dict)
+    unanswered: int = 0  # requests of ours that got no answer at all (reset or refused) and were tried again
+    accepted_before_faults: dict[int, dict[str, int]] = field(default_factory=dict)  # host -> proxy -> count
 
     @property
     def hosts(self) -> list[int]:
@@ -78,6 +86,10 @@ class LabCluster:
 
     def start(self) -> "LabCluster":
         started = time.monotonic()
+        if self.latency_ms or self.loss:
+            self.via_proxy = True
+            self._faults_first()
+            self.say(f"{self.latency_ms} ms latency and {self.loss:.0%} loss on every link, before anything connects")
         self.kubos = {daemon.host: daemon for daemon in self.lab.kubo_network(self.hosts, via_proxy=self.via_proxy)}
         self.say(f"Kubo on {len(self.kubos)} hosts, one private IPFS network ({time.monotonic() - started:.1f} s)")
         for number, host in enumerate(self.hosts):
@@ -89,6 +101,24 @@ class LabCluster:
                               for host in self.hosts), 30, "the nodes did not all connect to each other")
         self.say(f"{len(self.nodes)} nodes up and peered ({time.monotonic() - started:.1f} s)")
         return self
+
+    def _faults_first(self) -> None:
+        """Every host's proxies (its node's port and its Kubo swarm's) with their toxics, before any service
+        starts: so every connection between hosts, Kubo's long-lived swarm connections included, is made
+        through them and meets the loss when it opens. Notes what each proxy had accepted by then (nothing)."""
+        for host in self.hosts:
+            self.lab.proxy(host, "kubo-swarm", KUBO_SWARM_PORT)
+            self.lab.proxy(host, f"node-{NODE_PORT}", NODE_PORT)
+            if self.latency_ms:
+                self.lab.add_latency(host, self.latency_ms)
+            if self.loss:
+                self.lab.add_loss(host, self.loss)
+        self.accepted_before_faults = {host: dict(self.lab.accepted_connections(host)) for host in self.hosts}
+
+    def resets_between_nodes(self) -> dict[int, int]:
+        """Host -> requests its node made to a peer node that found the connection reset (its log says so)."""
+        return {host: len(RESET_IN_LOG.findall(node.log_path.read_text(errors="replace")))
+                for host, node in self.nodes.items() if node.log_path.exists()}
 
     def kill_host(self, host: int) -> None:
         """What a host that loses power does: its node and its Kubo die at once (SIGKILL), nothing is flushed."""
@@ -136,6 +166,7 @@ class LabCluster:
                                   headers=headers or {})
             if reply.status is not None:
                 break
+            self.unanswered += 1
             time.sleep(min(0.2 * 2 ** attempt, 2.0))
         if reply.status not in expect:
             raise LabError(f"{method} {path} on host {host} (from host {via or host}): {reply}")
@@ -265,9 +296,12 @@ class LabCluster:
     # -- faults -------------------------------------------------------------------------------------
 
     def degrade(self, latency_ms: int = 100, loss: float = 0.05) -> None:
-        """Latency and loss on every link into every host (nodes and IPFS swarm; Toxiproxy, via_proxy)."""
+        """Latency and loss on every link into every host (nodes and IPFS swarm; Toxiproxy, via_proxy), from
+        now on. Connections already open meet the loss once, now (see Lab.add_loss); for faults that every
+        connection meets from its start, give `latency_ms` and `loss` to the cluster instead."""
         if not self.via_proxy:
             raise LabError("start the cluster with via_proxy=True to add latency or loss")
+        self.accepted_before_faults = {host: dict(self.lab.accepted_connections(host)) for host in self.hosts}
         for host in self.hosts:
             self.lab.add_latency(host, latency_ms)
             self.lab.add_loss(host, loss)

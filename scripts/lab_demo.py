@@ -8,8 +8,9 @@
    deployment on separate machines would (README, "Deploying on separate machines").
 2. Runs scripts/walkthrough.sh inside host 1 against the patient on host 1, the authority on host 2 and the
    provider on host N: encrypt, add to IPFS, record, mine; find, fetch, decrypt; compare bytes.
-3. Shows that every host pinned the record in its own Kubo, then kills the patient's host (node and Kubo) and
-   has the provider open the record again from its own copy.
+3. Shows that every host pinned the record in its own Kubo; deletes every unpinned block of the provider's Kubo
+   (`ipfs repo gc`: its get_file had cached the record), kills the patient's host (node and Kubo), cuts the
+   provider off from everyone and has it open the record again: only its pinned copy can serve it.
 4. Tears everything down. Exit 0 only if every step held; 2 if this machine cannot build a lab (not root).
 """
 from __future__ import annotations
@@ -80,8 +81,17 @@ def demo(hosts: int, keep: bool) -> None:
         say(f"  all pinned {time.monotonic() - started:.1f} s after looking; /health on host {provider}: "
             f"{cluster.get(provider, '/health').json()['records']}")
 
-        heading(f"The patient's host {patient} goes down (node and Kubo killed); host {provider} opens the "
-                f"record from its own copy")
+        heading(f"The patient's host {patient} goes down (node and Kubo killed); host {provider}, cut off from "
+                f"everyone, opens the record from the copy its node pinned")
+        encrypted = (cluster.data_dir(patient) / "MRI.pdf.aes").read_bytes()
+        kubo = cluster.kubos[provider]
+        # The walkthrough's get_file left the record's blocks in the provider's Kubo whether pinned or not:
+        # garbage collection deletes every block no pin holds, so what is left is the pinned copy.
+        kubo.collect_garbage()
+        if not kubo.is_pinned(cid) or kubo.local_bytes(cid) != encrypted:
+            raise LabError(f"host {provider}'s Kubo does not hold the record pinned")
+        say(f"  host {provider}: ipfs repo gc (deletes every block no pin holds): the record is still there, "
+            f"pinned")
         cluster.kill_host(patient)
         gone = lab.connect(provider, lab.address(patient), 4001, timeout=2)
         say(f"  host {provider} -> {lab.address(patient)}:4001 (the patient's IPFS swarm): "
@@ -89,12 +99,16 @@ def demo(hosts: int, keep: bool) -> None:
         if gone.status is not None:
             raise LabError("the patient's Kubo still answers")
         original = (cluster.data_dir(patient) / "MRI.pdf").read_bytes()
-        fetched = cluster.post(provider, "/get_file", {"ipfs_hash": cid}).json()
+        lab.partition(provider)  # so no other host's copy can serve it either
+        try:
+            fetched = cluster.post(provider, "/get_file", {"ipfs_hash": cid}).json()
+        finally:
+            lab.heal(provider)
         copy = cluster.data_dir(provider) / fetched["path"]
-        if copy.read_bytes() != (cluster.data_dir(patient) / "MRI.pdf.aes").read_bytes():
+        if copy.read_bytes() != encrypted:
             raise LabError("the provider's copy differs from what the patient added")
-        say(f"  host {provider}: get_file -> {fetched['path']} ({fetched['size']} bytes), identical to the "
-            f"patient's encrypted record")
+        say(f"  host {provider} (partitioned): get_file -> {fetched['path']} ({fetched['size']} bytes), identical "
+            f"to the patient's encrypted record")
         say(f"  the decrypted copy from the walkthrough ({len(original)} bytes) equals the patient's original: "
             f"{(cluster.data_dir(provider) / 'downloads' / 'MRI.pdf').read_bytes() == original}")
         heading("Tearing the lab down")

@@ -17,7 +17,7 @@ from conftest import PAPER_HASH, paper_transaction, wait_until
 from errors import IpfsRefused, IpfsUnknownCid, IpfsUnreachable
 from ipfs_client import IpfsClient
 from pinning import Pinner, record_cids
-from scripts.cluster import Kubo, free_port, private_network, write_swarm_key
+from scripts.cluster import Kubo, free_port, private_network, write_sample_record, write_swarm_key
 
 CIDS = ["QmSKQGGnHKgc53Ri71KFLbkAvEjXD9aZUAJT54DUBs4vjJ", "QmUNLLsPACCz1vLxQVkXqqLX5R1X345qqfHbsf67hvA3Nn",
         PAPER_HASH, "QmT78zSuBmuS4z925WZfrqQ1qHaJ56DQaTfyMUF7F8ff5o", "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"]
@@ -198,20 +198,85 @@ def test_a_full_queue_holds_records_back_without_losing_any(make_pinner) -> None
     assert sorted(set(daemon.calls)) == sorted(CIDS)
 
 
-def test_records_of_blocks_taken_in_a_reorganisation_are_pinned(make_pinner) -> None:
+def reorganised(pinner: Pinner, ours_records: list[str], theirs_records: list[str],
+                 **before: int) -> tuple[Blockchain, Blockchain]:
+    """Our chain mines one block per record of `ours_records`, a peer's one per record of `theirs_records` (more
+    blocks, so ours gives way); once the Pinner's summary shows `before`, ours takes the peer's. The Pinner
+    follows our chain, as a node's does."""
+    ours, theirs = Blockchain(difficulty=1), Blockchain(difficulty=1)
+    pinner.on_chain = lambda cid: ours.record_for_cid(cid) is not None
+    ours.on_block = pinner.on_block
+    for cid in ours_records:
+        ours.add_transaction(paper_transaction(ipfs_hash=cid))
+        ours.mine_block()
+    settled(pinner, known=len(ours_records), **before)
+    for cid in theirs_records:
+        theirs.add_transaction(paper_transaction(ipfs_hash=cid))
+        theirs.mine_block()
+    replaced, why = ours.replace_chain(theirs.chain)
+    assert replaced, why
+    return ours, theirs
+
+
+def test_records_of_blocks_taken_in_a_reorganisation_are_pinned_and_dropped_ones_are_known_again_once_re_mined(
+        make_pinner) -> None:
+    daemon = FakeDaemon()
+    pinner = make_pinner(daemon)
+    ours, _ = reorganised(pinner, [CIDS[0]], CIDS[1:3], pinned=1)
+    summary = settled(pinner, pinned=2)
+    # The dropped block's record is pending again, not on the chain: not known, as GET /records answers 404 for
+    # a pending record. Its pin in Kubo stays (the node never unpins).
+    assert summary["known"] == 2 and pinner.status(CIDS[0]) is None
+    assert {cid: pinner.status(cid)["block_index"] for cid in CIDS[1:3]} == {CIDS[1]: 2, CIDS[2]: 3}
+    assert CIDS[0] in daemon.pins and [tx["ipfs_hash"] for tx in ours.pending] == [CIDS[0]]
+    ours.mine_block()  # its transaction, mined again: the record is back, at its new block
+    settled(pinner, known=3, pinned=3)
+    assert pinner.status(CIDS[0])["block_index"] == 4
+
+
+def test_a_record_no_longer_on_the_chain_is_not_retried(make_pinner) -> None:
+    daemon = FakeDaemon(failures={CIDS[0]: 10_000})  # nobody can provide it
+    pinner = make_pinner(daemon, first_retry=0.02, retry_max=0.02)
+    ours, _ = reorganised(pinner, [CIDS[0]], CIDS[1:3], failed=1)
+    settled(pinner, known=2, pinned=2, failed=0, missing=0)
+    calls = daemon.calls.count(CIDS[0])
+    time.sleep(0.3)  # some fifteen back-offs
+    assert daemon.calls.count(CIDS[0]) <= calls + 1  # at most the attempt under way when it left the chain
+    assert pinner.status(CIDS[0]) is None and pinner.summary()["known"] == 2
+
+
+def test_a_reorganisation_right_after_a_restart_forgets_the_records_it_dropped(make_pinner) -> None:
+    """A node restarted from --persist reads its chain at start; the first block it then takes may already be
+    a reorganisation's."""
+    on_chain = {CIDS[0], CIDS[1]}
+    pinner = make_pinner(FakeDaemon(), [block(1), block(2, CIDS[0]), block(3, CIDS[1])],
+                         on_chain=lambda cid: cid in on_chain)
+    settled(pinner, known=2, pinned=2)
+    on_chain.discard(CIDS[1])  # a peer's chain replaced our block 3 with one of its own
+    on_chain.add(CIDS[2])
+    pinner.on_block(block(3, CIDS[2]))
+    settled(pinner, known=2, pinned=2)
+    assert pinner.status(CIDS[1]) is None and pinner.status(CIDS[2])["block_index"] == 3
+
+
+def test_a_record_that_stays_on_the_chain_through_a_reorganisation_keeps_its_pin(make_pinner) -> None:
+    """The same record in both chains (one transaction, gossiped, mined on both sides): pinned once, never
+    forgotten."""
     daemon = FakeDaemon()
     pinner = make_pinner(daemon)
     ours, theirs = Blockchain(difficulty=1), Blockchain(difficulty=1)
+    pinner.on_chain = lambda cid: ours.record_for_cid(cid) is not None
     ours.on_block = pinner.on_block
-    ours.add_transaction(paper_transaction(ipfs_hash=CIDS[0]))
-    ours.mine_block()
-    for cid in CIDS[1:3]:
-        theirs.add_transaction(paper_transaction(ipfs_hash=cid))
-        theirs.mine_block()
-    replaced, _ = ours.replace_chain(theirs.chain)
-    assert replaced
-    settled(pinner, pinned=3)  # the dropped block's record stays pinned; its transaction is pending again
-    assert {cid: pinner.status(cid)["block_index"] for cid in CIDS[:3]} == {CIDS[0]: 2, CIDS[1]: 2, CIDS[2]: 3}
+    tx = paper_transaction(ipfs_hash=CIDS[0])
+    for chain in (ours, theirs):
+        chain.add_transaction(tx)
+        chain.mine_block()
+    theirs.add_transaction(paper_transaction(ipfs_hash=CIDS[1]))
+    theirs.mine_block()
+    settled(pinner, pinned=1)
+    assert ours.replace_chain(theirs.chain)[0] and ours.chain[1] == theirs.chain[1] != ours.genesis
+    settled(pinner, known=2, pinned=2)
+    assert daemon.calls.count(CIDS[0]) == 1
 
 
 # -- the node's endpoints, in-process (no Kubo) ---------------------------------------------------
@@ -233,6 +298,25 @@ def test_health_and_records_endpoint_without_a_daemon(client) -> None:
     assert "'cid'" in client.get("/records/QmNotACid").get_json()["error"]
     assert client.get(f"/records/{CIDS[0]}").status_code == 404
     assert client.get(f"/records/{PAPER_HASH}?peers=maybe").status_code == 400
+
+
+def test_a_record_whose_block_a_reorganisation_dropped_leaves_the_health_count_until_mined_again(
+        make_client) -> None:
+    ours, theirs = make_client(), make_client()
+    ours.post("/add_transaction", json=paper_transaction(ipfs_hash=CIDS[0]))
+    ours.get("/mine_block")
+    for cid in CIDS[1:3]:
+        theirs.post("/add_transaction", json=paper_transaction(ipfs_hash=cid))
+        theirs.get("/mine_block")
+    assert ours.get("/health").get_json()["records"]["known"] == 1
+    replaced, why = ours.node.blockchain.replace_chain(theirs.get("/get_chain").get_json()["chain"])
+    assert replaced, why
+    health = ours.get("/health").get_json()
+    assert health["records"]["known"] == 2 and health["pending"] == 1
+    assert ours.get(f"/records/{CIDS[0]}").status_code == 404  # pending again, like any record not yet mined
+    ours.get("/mine_block")
+    assert ours.get("/health").get_json()["records"]["known"] == 3
+    assert ours.get(f"/records/{CIDS[0]}").get_json()["pin"]["block_index"] == 4
 
 
 def test_pin_settings_are_checked() -> None:
@@ -286,6 +370,57 @@ def test_a_record_added_on_one_daemon_is_pinned_by_a_node_on_another_and_outlive
         fetched = client.post("/get_file", json={"ipfs_hash": cid})
         assert fetched.status_code == 200, fetched.get_json()
         assert (client.node.data_dir / fetched.get_json()["path"]).read_bytes() == data
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+
+
+def test_on_a_signed_network_openable_pins_a_record_only_once_a_grant_lets_the_node_open_it(
+        signed_network, tmp_path: Path) -> None:
+    """pin_records=openable on a signed network: a provider with its own Kubo does not keep a record it has no
+    grant for; the block that grants it one makes its node pin it, and it opens the record after the patient's
+    daemon is gone."""
+    ports = [(free_port(), free_port(), free_port()) for _ in range(2)]
+    daemons = private_network([tmp_path / "a", tmp_path / "b"], ports, write_swarm_key(tmp_path / "swarm.key"))
+    try:
+        patients, own = daemons
+        patient, provider = signed_network(("patient", "healthcare_provider"), ipfs_api=patients.api_url,
+                                           pin_records="openable", ipfs_lookup_timeout=5.0)
+        provider.stop()  # the provider's node runs on a daemon of its own
+        provider.args[provider.args.index("--ipfs-api") + 1] = own.api_url
+        provider.start()
+        assert patient.post("/connect_node", {"nodes": [provider.url]}).status_code == 201
+        wait_until(lambda: len(provider.get("/health").json()["peers"]) == 1)
+        patient_dir = Path(patient.args[patient.args.index("--data-dir") + 1])
+        write_sample_record(patient_dir / "MRI.pdf")
+        published = patient.post("/publish_record", {"file_path": "MRI.pdf", "EHR_name": "MRI", "user_id": "xxxxx"})
+        assert published.status_code == 201, published.text
+        cid = published.json()["IPFS Hash"]["Hash"]
+        assert patient.get("/mine_block").status_code == 200
+
+        def pin_state(state: str) -> dict[str, Any] | None:
+            answer = provider.get(f"/records/{cid}?peers=false")
+            return answer.json() if answer.status_code == 200 and answer.json()["pin"]["state"] == state else None
+
+        skipped = wait_until(lambda: pin_state("skipped"), timeout=15)["pin"]
+        assert "may not open" in skipped["reason"] and skipped["attempts"] == 0
+        time.sleep(1)  # had it been queued, a pin of a file this small would be done by now
+        assert cid not in own.rpc("pin/ls", type="recursive")["Keys"]
+        assert provider.get("/health").json()["records"]["skipped"] == 1
+
+        member = provider.get("/identity").json()["node_id"]
+        granted = patient.post("/grant", {"record": cid, "member": member, "purpose": "follow-up"})
+        assert granted.status_code == 201, granted.text
+        assert patient.get("/mine_block").status_code == 200
+        pinned = wait_until(lambda: pin_state("pinned"), timeout=30)["pin"]
+        assert pinned["attempts"] == 1 and cid in own.rpc("pin/ls", type="recursive")["Keys"]
+        assert provider.get("/health").json()["records"]["pinned"] == 1
+
+        patients.stop()  # the copy its node pinned is what the provider opens
+        opened = provider.post("/open_record", {"record": "MRI", "purpose": "follow-up"})
+        assert opened.status_code == 200, opened.text
+        provider_dir = Path(provider.args[provider.args.index("--data-dir") + 1])
+        assert (provider_dir / opened.json()["path"]).read_bytes() == (patient_dir / "MRI.pdf").read_bytes()
     finally:
         for daemon in daemons:
             daemon.stop()
